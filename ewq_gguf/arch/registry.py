@@ -1,0 +1,27 @@
+"""The one table of supported architectures: config.json "architectures" name -> adapter class."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsupportedArchitectureError
+from .base import Adapter
+from .llama import LlamaAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter,)
+
+BY_HF_NAME: dict[str, type[Adapter]] = {name: adapter for adapter in ADAPTERS for name in adapter.architectures}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(BY_HF_NAME)
+
+
+def adapter_for(config: dict[str, Any]) -> Adapter:
+    """The adapter for a checkpoint's config.json, or UnsupportedArchitectureError listing what is supported."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in BY_HF_NAME:
+            return BY_HF_NAME[name](config)
+    shown = ", ".join(names) if names else "none named in config.json"
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture ({shown}); supported: {', '.join(supported_architectures())}")

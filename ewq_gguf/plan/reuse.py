@@ -1,0 +1,46 @@
+"""Reusing a decision: a plan JSON written earlier, or the per-tensor types of an existing GGUF file.
+
+Either way the types are re-applied to this checkpoint's tensors, so sizes and fallbacks are recomputed for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+from gguf import GGMLQuantizationType as QType
+
+from ..errors import InputError
+from ..source.model import SourceModel
+from .entries import entry_for
+from .plan import Plan
+
+
+def requested_types(path: Path) -> tuple[dict[str, str], str]:
+    """name -> requested type name from a plan JSON or a GGUF file, and a label of where they came from."""
+    if not path.is_file():
+        raise InputError(f"plan file not found: {path}")
+    if path.suffix == ".gguf":
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as exc:  # gguf-py raises several types for malformed files
+            raise InputError(f"{path}: not a readable GGUF file ({exc})") from exc
+        return {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}, f"types copied from {path.name}"
+    plan = Plan.from_json(path.read_text())
+    return {entry.name: entry.requested for entry in plan.entries}, f"plan {path.name} ({plan.method})"
+
+
+def plan_from_file(model: SourceModel, path: str | Path) -> Plan:
+    path = Path(path)
+    types, origin = requested_types(path)
+    missing = [spec.name for spec in model.specs if spec.name not in types]
+    if missing:
+        raise InputError(f"{path.name} names no type for {len(missing)} tensors of this model (first: {missing[0]}); "
+                         "is it for another model?")
+    entries = []
+    for spec in model.specs:
+        try:
+            qtype = QType[types[spec.name]]
+        except KeyError:
+            raise InputError(f"{path.name}: unknown type '{types[spec.name]}' for {spec.name}") from None
+        entries.append(entry_for(spec, qtype, origin))
+    return Plan("plan-file", {"source": path.name}, entries)

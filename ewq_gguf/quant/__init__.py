@@ -1,0 +1,86 @@
+"""QUANTIZE: tensors in, GGUF bytes out, on whatever torch device the rows live on.
+
+Pure by design: this package knows no file, model or plan. One codec module per type family registers its
+encoders in ``CODECS``; everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
+derived here from gguf-py's block table so that planners can ask for sizes without producing bytes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
+
+from . import floats, iq4, kquants_affine, kquants_symmetric, legacy
+from .codec import Codec
+from .fallback import effective_type
+
+
+CODECS: dict[QType, Codec] = {}
+for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
+    CODECS.update(_family.CODECS)
+
+__all__ = ["QType", "Codec", "CODECS", "quantize", "dequantize", "row_nbytes", "tensor_nbytes", "can_hold", "parse_type", "effective_type"]
+
+
+def parse_type(name: str) -> QType:
+    """GGUF type from its llama.cpp name (case-insensitive); ValueError names the supported ones."""
+    key = name.strip().upper()
+    for qtype in CODECS:
+        if qtype.name == key:
+            return qtype
+    supported = ", ".join(sorted(t.name for t in CODECS))
+    raise ValueError(f"unsupported tensor type '{name}' (supported: {supported})")
+
+
+def block_shape(qtype: QType) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a GGUF type."""
+    return GGML_QUANT_SIZES[qtype]
+
+
+def can_hold(qtype: QType, n_per_row: int) -> bool:
+    """Whether rows of n_per_row elements can be stored in qtype (row length a multiple of the block size)."""
+    return n_per_row % block_shape(qtype)[0] == 0
+
+
+def row_nbytes(qtype: QType, n_per_row: int) -> int:
+    elements, nbytes = block_shape(qtype)
+    if n_per_row % elements:
+        raise ValueError(f"{qtype.name} cannot hold rows of {n_per_row} elements (block size {elements})")
+    return n_per_row // elements * nbytes
+
+
+def tensor_nbytes(qtype: QType, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of the given shape (numpy order, last dimension = row) stored in qtype."""
+    n_rows = 1
+    for dim in shape[:-1]:
+        n_rows *= dim
+    return n_rows * row_nbytes(qtype, shape[-1])
+
+
+def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Encode a 2-D float tensor row by row into qtype; returns uint8 (n_rows, row_nbytes) on the same device.
+
+    importance: optional per-column weights (llama.cpp's imatrix meaning), used only by types whose ggml encoder
+    uses them. Rows in bf16/f16 are upcast to float32 first, as llama.cpp does before quantizing.
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(rows.shape)}")
+    codec = CODECS.get(qtype)
+    if codec is None:
+        raise ValueError(f"no encoder for {qtype.name}")
+    row_nbytes(qtype, rows.shape[1])
+    rows = rows.to(torch.float32).contiguous()
+    if importance is not None:
+        if importance.numel() != rows.shape[1]:
+            raise ValueError(f"importance has {importance.numel()} values for rows of {rows.shape[1]}")
+        importance = importance.to(device=rows.device, dtype=torch.float32).contiguous() if codec.uses_importance else None
+    return codec.quantize(rows, importance)
+
+
+def dequantize(data: torch.Tensor, qtype: QType, n_per_row: int) -> torch.Tensor:
+    """Decode uint8 (n_rows, row_nbytes) of qtype back to float32 (n_rows, n_per_row)."""
+    codec = CODECS.get(qtype)
+    if codec is None:
+        raise ValueError(f"no decoder for {qtype.name}")
+    return codec.dequantize(data.reshape(-1, row_nbytes(qtype, n_per_row)), n_per_row)

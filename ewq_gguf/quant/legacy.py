@@ -1,0 +1,227 @@
+"""Q8_0, Q4_0, Q5_0, Q4_1 and Q5_1: the 32-value block types, byte-identical to ggml_quantize_chunk.
+
+Without importance ggml uses its *_ref encoders: one scale (and, for the _1 types, an offset) from the block's
+extremes, then truncating casts. With importance (an imatrix) Q4_0/Q5_0 search the scale with make_qx_quants and
+Q4_1/Q5_1 search scale and offset with make_qkx3_quants, both weighted by imatrix * sqrt(sigma2 + x^2) where
+sigma2 is the row's mean square; Q8_0 ignores importance. The C casts of float to int8_t/uint8_t are reproduced as
+x86-64 executes them (truncation, low byte), which only matters for NaN input.
+
+Layout: a chunk of rows is held element-major, (32, blocks), so per-block scans run along dim 0.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from .codec import Codec
+from .common import (
+    FLT_MAX, as_int8, divide, exact_sqrt, first_absmax, first_max, first_min, fp16_bytes, low_byte,
+    make_qkx3_quants, make_qx_quants, pack_high_bits, pack_nibbles, round_half_away, row_chunks, sequential_sum,
+    to_element_major, truncate_to_int, unpack_high_bits,
+)
+
+BLOCK = 32
+# Rows are encoded in chunks of about this many values so that the working tensors stay in cache.
+CHUNK_VALUES = 1 << 17
+# Bytes per block of each type (gguf's table, repeated here to lay out the fields).
+BLOCK_BYTES = {QType.Q8_0: 34, QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24}
+
+Encoder = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _nonzero_reciprocal(d: torch.Tensor) -> torch.Tensor:
+    """ggml's `id = d ? 1.0f/d : 0.0f` (NaN counts as true)."""
+    return torch.where(d != 0, divide(1.0, d), torch.zeros_like(d))
+
+
+def _row_sigma2(rows: torch.Tensor) -> torch.Tensor:
+    """sum_x2/n_per_row per row, the sum of x*x taken left to right over the whole row as ggml does."""
+    return divide(sequential_sum((rows * rows).t()), float(rows.shape[1]))
+
+
+def _weights(x: torch.Tensor, sigma2_per_block: torch.Tensor, importance: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """ggml's weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j]) for element-major x (32, blocks)."""
+    per_block_importance = to_element_major(importance.reshape(1, -1), BLOCK).repeat(1, n_rows)
+    return per_block_importance * exact_sqrt(sigma2_per_block + x * x)
+
+
+def _encode_rows(rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int, encode) -> torch.Tensor:
+    """Run encode(x (32, blocks), weights or None, n_rows) over chunks of rows; returns (n_rows, row_bytes)."""
+    n_rows, n_per_row = rows.shape
+    blocks_per_row = n_per_row // BLOCK
+    output = torch.empty((n_rows, blocks_per_row * block_bytes), dtype=torch.uint8, device=rows.device)
+    sigma2 = _row_sigma2(rows) if importance is not None else None
+    for chunk in row_chunks(n_rows, n_per_row, CHUNK_VALUES):
+        part = rows[chunk]
+        x = to_element_major(part, BLOCK)
+        weights = None
+        if importance is not None:
+            sigma2_per_block = sigma2[chunk].repeat_interleave(blocks_per_row)
+            weights = _weights(x, sigma2_per_block, importance, part.shape[0])
+        output[chunk] = encode(x, weights).reshape(part.shape[0], -1)
+    return output
+
+
+def _pack_low_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(32, blocks) codes -> (blocks, 16) bytes code[j] | code[j+16] << 4 (ggml's qs layout)."""
+    return pack_nibbles(codes[:16], codes[16:]).t()
+
+
+def _pack_five_bit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(32, blocks) 5-bit codes -> (qh (blocks, 4), qs (blocks, 16)): bit 4 of code j is bit j of the uint32 qh."""
+    return pack_high_bits(codes.t(), bit=4), _pack_low_nibbles(codes)
+
+
+# ---------------------------------------------------------------- encoders without importance (ggml *_ref)
+
+def _q8_0_amax(x: torch.Tensor) -> torch.Tensor:
+    """ggml's `amax = MAX(amax, fabsf(v))` scan: a NaN is taken when met and dropped by the next value."""
+    magnitude = x.abs()
+    nan = torch.isnan(magnitude)
+    if not bool(nan.any()):
+        return magnitude.amax(dim=0).clamp(min=0.0)
+    position = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    last_nan = torch.where(nan, position, torch.full_like(position, -1)).amax(dim=0)
+    after = torch.where(position > last_nan, magnitude, torch.zeros_like(magnitude)).amax(dim=0)
+    return torch.where(last_nan == x.shape[0] - 1, torch.full_like(after, float("nan")), after)
+
+
+def _encode_q8_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    d = divide(_q8_0_amax(x), 127.0)
+    codes = low_byte(truncate_to_int(round_half_away(x * _nonzero_reciprocal(d))))
+    return torch.cat([fp16_bytes(d), codes.t()], dim=1)
+
+
+def _truncated_codes(scaled: torch.Tensor, offset: float, top: Optional[int]) -> torch.Tensor:
+    """`MIN(top, (int8_t)(scaled + offset))` stored in a uint8_t, or `(uint8_t)(scaled + offset)` when top is None."""
+    truncated = truncate_to_int(scaled + offset)
+    if top is None:
+        return truncated & 0xFF
+    return torch.clamp(as_int8(truncated), max=top) & 0xFF
+
+
+def _symmetric_ref(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0/Q5_0 ref: d = max/-levels from the first largest magnitude, codes of x/d + levels + 0.5 truncated."""
+    _, signed_max = first_absmax(x, dim=0)
+    d = divide(signed_max, float(-levels))
+    codes = _truncated_codes(x * _nonzero_reciprocal(d), levels + 0.5, 2 * levels - 1)
+    return d, codes
+
+
+def _affine_ref(x: torch.Tensor, levels: int, clamp_codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1/Q5_1 ref: d = (max - min)/levels, codes of (x - min)/d + 0.5 truncated."""
+    low = first_min(x, dim=0, start=FLT_MAX)
+    high = first_max(x, dim=0, start=-FLT_MAX)
+    d = divide(high - low, float(levels))
+    codes = _truncated_codes((x - low) * _nonzero_reciprocal(d), 0.5, levels if clamp_codes else None)
+    return d, low, codes
+
+
+def _encode_q4_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    if weights is None:
+        d, codes = _symmetric_ref(x, 8)
+        # ggml: qs = xi0 | xi1 << 4 with xi0 a full byte (it is at most 15 here)
+        qs = ((codes[:16] | (codes[16:] << 4)) & 0xFF).to(torch.uint8).t()
+    else:
+        d, codes = make_qx_quants(x, 8, weights)
+        qs = _pack_low_nibbles(codes)
+    return torch.cat([fp16_bytes(d), qs], dim=1)
+
+
+def _encode_q5_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    if weights is None:
+        d, codes = _symmetric_ref(x, 16)
+    else:
+        d, codes = make_qx_quants(x, 16, weights)
+    qh, qs = _pack_five_bit(codes)
+    return torch.cat([fp16_bytes(d), qh, qs], dim=1)
+
+
+def _encode_q4_1(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    if weights is None:
+        d, offset, codes = _affine_ref(x, 15, clamp_codes=True)
+        qs = ((codes[:16] | (codes[16:] << 4)) & 0xFF).to(torch.uint8).t()
+    else:
+        d, the_min, codes = make_qkx3_quants(x, 15, weights)
+        offset = -the_min
+        qs = _pack_low_nibbles(codes)
+    return torch.cat([fp16_bytes(d), fp16_bytes(offset), qs], dim=1)
+
+
+def _encode_q5_1(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    if weights is None:
+        d, offset, codes = _affine_ref(x, 31, clamp_codes=False)
+    else:
+        d, the_min, codes = make_qkx3_quants(x, 31, weights)
+        offset = -the_min
+    qh, qs = _pack_five_bit(codes)
+    return torch.cat([fp16_bytes(d), fp16_bytes(offset), qh, qs], dim=1)
+
+
+# ---------------------------------------------------------------- decoders (ggml's dequantize_row_*)
+
+def _blocks(data: torch.Tensor, qtype: QType, n_per_row: int) -> torch.Tensor:
+    return data.reshape(data.shape[0], n_per_row // BLOCK, BLOCK_BYTES[qtype])
+
+
+def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    return blocks[..., start:start + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(…, 16) bytes -> (…, 32) codes: low nibbles are elements 0..15, high nibbles 16..31."""
+    codes = qs.to(torch.int32)
+    return torch.cat([codes & 0x0F, codes >> 4], dim=-1)
+
+
+def _five_bit(blocks: torch.Tensor, qh_start: int) -> torch.Tensor:
+    high = unpack_high_bits(blocks[..., qh_start:qh_start + 4], BLOCK)
+    return _nibbles(blocks[..., qh_start + 4:qh_start + 20]) | (high << 4)
+
+
+def _decode_q8_0(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    blocks = _blocks(data, QType.Q8_0, n_per_row)
+    codes = blocks[..., 2:].contiguous().view(torch.int8).to(torch.float32)
+    return (codes * _fp16_field(blocks, 0)).reshape(data.shape[0], n_per_row)
+
+
+def _decode_q4_0(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    blocks = _blocks(data, QType.Q4_0, n_per_row)
+    levels = (_nibbles(blocks[..., 2:]) - 8).to(torch.float32)
+    return (levels * _fp16_field(blocks, 0)).reshape(data.shape[0], n_per_row)
+
+
+def _decode_q4_1(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    blocks = _blocks(data, QType.Q4_1, n_per_row)
+    levels = _nibbles(blocks[..., 4:]).to(torch.float32)
+    return (levels * _fp16_field(blocks, 0) + _fp16_field(blocks, 2)).reshape(data.shape[0], n_per_row)
+
+
+def _decode_q5_0(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    blocks = _blocks(data, QType.Q5_0, n_per_row)
+    levels = (_five_bit(blocks, 2) - 16).to(torch.float32)
+    return (levels * _fp16_field(blocks, 0)).reshape(data.shape[0], n_per_row)
+
+
+def _decode_q5_1(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    blocks = _blocks(data, QType.Q5_1, n_per_row)
+    levels = _five_bit(blocks, 4).to(torch.float32)
+    return (levels * _fp16_field(blocks, 0) + _fp16_field(blocks, 2)).reshape(data.shape[0], n_per_row)
+
+
+def _codec(qtype: QType, encode, decode, uses_importance: bool) -> Codec:
+    def quantize(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
+        return _encode_rows(rows, importance if uses_importance else None, BLOCK_BYTES[qtype], encode)
+
+    return Codec(quantize=quantize, dequantize=decode, uses_importance=uses_importance)
+
+
+CODECS: dict[QType, Codec] = {
+    QType.Q8_0: _codec(QType.Q8_0, _encode_q8_0, _decode_q8_0, uses_importance=False),
+    QType.Q4_0: _codec(QType.Q4_0, _encode_q4_0, _decode_q4_0, uses_importance=True),
+    QType.Q4_1: _codec(QType.Q4_1, _encode_q4_1, _decode_q4_1, uses_importance=True),
+    QType.Q5_0: _codec(QType.Q5_0, _encode_q5_0, _decode_q5_0, uses_importance=True),
+    QType.Q5_1: _codec(QType.Q5_1, _encode_q5_1, _decode_q5_1, uses_importance=True),
+}

@@ -1,0 +1,31 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint folder (f32 weights), shared by the session; never modified."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "LlamaForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llama):
+    """Factory: a GGUF of the tiny Llama in the given uniform type (F32 by default), cached per type."""
+    from ewq_gguf.api import convert
+
+    made: dict[str, Path] = {}
+
+    def make(type_name: str = "F32") -> Path:
+        if type_name not in made:
+            out = tmp_path_factory.mktemp("tiny-gguf") / f"tiny-{type_name}.gguf"
+            convert(tiny_llama, out, "uniform", type=type_name, progress=False)
+            made[type_name] = out
+        return made[type_name]
+
+    return make

@@ -1,0 +1,71 @@
+"""Tiny random Hugging Face checkpoints, one per supported architecture, made on the fly (no download).
+
+Each uses the real transformers config and model classes with small sizes, random weights and a tokenizer trained
+on the fly, saved exactly as save_pretrained does. Rows are 256 wide where k-quants need it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tiny_tokenizers import SPM_STYLES, make_bpe_tokenizer, make_spm_tokenizer
+
+COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, rms_norm_eps=1e-5)
+
+# Gemma 2/3: a query scale (query_pre_attn_scalar) other than llama.cpp's 1/sqrt(head_dim), soft-caps small enough to
+# bite on random weights, and an 8-token sliding window so that 40 tokens reach beyond it.
+GEMMA2_EXTRAS = dict(head_dim=128, query_pre_attn_scalar=100, sliding_window=8, attn_logit_softcapping=3.0,
+                     final_logit_softcapping=8.0, layer_types=["sliding_attention", "full_attention"])
+
+# architecture -> (model_type, config overrides, tokenizer style)
+TINY: dict[str, tuple[str, dict[str, Any], str]] = {
+    "LlamaForCausalLM": ("llama", dict(tie_word_embeddings=False), "llama3"),
+    "MistralForCausalLM": ("mistral", dict(sliding_window=None, tie_word_embeddings=False), "llama2"),
+    "Qwen2ForCausalLM": ("qwen2", dict(tie_word_embeddings=False), "qwen2"),
+    # head_dim 128 differs from hidden/heads = 64; tied embeddings as in the small Qwen3 models
+    "Qwen3ForCausalLM": ("qwen3", dict(head_dim=128, tie_word_embeddings=True), "qwen2"),
+    "GemmaForCausalLM": ("gemma", dict(head_dim=128), "gemma"),
+    "Gemma2ForCausalLM": ("gemma2", GEMMA2_EXTRAS, "gemma"),
+    # Gemma 3: local rope base for sliding layers, linear rope scaling on global layers only (as the 4B+ models)
+    "Gemma3ForCausalLM": ("gemma3_text", dict(
+        GEMMA2_EXTRAS, attn_logit_softcapping=None,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}),
+        "gemma"),
+    "Phi3ForCausalLM": ("phi3", dict(pad_token_id=None, sliding_window=None, tie_word_embeddings=False), "llama2"),
+}
+
+
+def make_tiny_model(out_dir: Path, architecture: str = "LlamaForCausalLM", *, dtype: torch.dtype = torch.float32,
+                    seed: int = 0, max_shard_size: Optional[str] = None, **overrides: Any) -> Path:
+    """Write a tiny random checkpoint of `architecture` into out_dir; returns out_dir."""
+    model_type, arch_overrides, tokenizer_style = TINY[architecture]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_style in SPM_STYLES:
+        tokenizer = make_spm_tokenizer(out_dir, style=tokenizer_style)
+    else:
+        tokenizer = make_bpe_tokenizer(out_dir, style=tokenizer_style)
+    settings = {**COMMON, **arch_overrides, **overrides}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), architectures=[architecture],
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)   # norms away from 1 so their handling is tested
+            elif name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)   # transformers initialises biases to zero
+    model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size or "10GB")
+    return out_dir
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "config.json").read_text())

@@ -17,10 +17,16 @@ from tiny_tokenizers import SPM_STYLES, make_bpe_tokenizer, make_spm_tokenizer
 COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, rms_norm_eps=1e-5)
 
-# Gemma 2/3: a query scale (query_pre_attn_scalar) other than llama.cpp's 1/sqrt(head_dim), soft-caps small enough to
-# bite on random weights, and an 8-token sliding window so that 40 tokens reach beyond it.
+# Gemma 2/3 settings where llama.cpp's defaults differ, so a key the converter forgets changes the logits: a query
+# scale (query_pre_attn_scalar) other than 1/sqrt(head_dim), soft-caps small enough to bite on random weights, an
+# 8-token sliding window that 40 tokens reach beyond, and a layer pattern unlike llama.cpp's default one.
 GEMMA2_EXTRAS = dict(head_dim=128, query_pre_attn_scalar=100, sliding_window=8, attn_logit_softcapping=3.0,
-                     final_logit_softcapping=8.0, layer_types=["sliding_attention", "full_attention"])
+                     final_logit_softcapping=8.0, layer_types=["full_attention", "sliding_attention"])
+# Gemma 3 also has its own rope base on sliding layers (not llama.cpp's default 10000) and linear rope scaling on
+# global layers only, as the 4B+ models do
+GEMMA3_EXTRAS = dict(GEMMA2_EXTRAS, attn_logit_softcapping=None, layer_types=["sliding_attention", "full_attention"],
+                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                                      "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})
 
 # architecture -> (model_type, config overrides, tokenizer style)
 TINY: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -31,13 +37,14 @@ TINY: dict[str, tuple[str, dict[str, Any], str]] = {
     "Qwen3ForCausalLM": ("qwen3", dict(head_dim=128, tie_word_embeddings=True), "qwen2"),
     "GemmaForCausalLM": ("gemma", dict(head_dim=128), "gemma"),
     "Gemma2ForCausalLM": ("gemma2", GEMMA2_EXTRAS, "gemma"),
-    # Gemma 3: local rope base for sliding layers, linear rope scaling on global layers only (as the 4B+ models)
-    "Gemma3ForCausalLM": ("gemma3_text", dict(
-        GEMMA2_EXTRAS, attn_logit_softcapping=None,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}),
-        "gemma"),
+    "Gemma3ForCausalLM": ("gemma3_text", GEMMA3_EXTRAS, "gemma"),
     "Phi3ForCausalLM": ("phi3", dict(pad_token_id=None, sliding_window=None, tie_word_embeddings=False), "llama2"),
+}
+
+# Special tokens an architecture's real tokenizers have beyond their tokenizer style. llama.cpp's vocabulary loader
+# looks up <|endoftext|> in every model whose general.name contains "phi3".
+ADDED_SPECIAL_TOKENS: dict[str, list[str]] = {
+    "Phi3ForCausalLM": ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"],
 }
 
 
@@ -51,6 +58,8 @@ def make_tiny_model(out_dir: Path, architecture: str = "LlamaForCausalLM", *, dt
         tokenizer = make_spm_tokenizer(out_dir, style=tokenizer_style)
     else:
         tokenizer = make_bpe_tokenizer(out_dir, style=tokenizer_style)
+    if architecture in ADDED_SPECIAL_TOKENS:
+        add_special_tokens(out_dir, tokenizer, ADDED_SPECIAL_TOKENS[architecture])
     settings = {**COMMON, **arch_overrides, **overrides}
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), architectures=[architecture],
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -65,6 +74,16 @@ def make_tiny_model(out_dir: Path, architecture: str = "LlamaForCausalLM", *, dt
                 param.add_(torch.randn_like(param) * 0.1)   # transformers initialises biases to zero
     model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size or "10GB")
     return out_dir
+
+
+def add_special_tokens(out_dir: Path, tokenizer: Any, tokens: list[str]) -> None:
+    """Add special tokens to the saved tokenizer, keeping the flags save_pretrained drops (they set its behaviour)."""
+    config_path = out_dir / "tokenizer_config.json"
+    flags = {key: value for key, value in json.loads(config_path.read_text()).items()
+             if key in ("legacy", "add_bos_token", "add_eos_token")}
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    tokenizer.save_pretrained(out_dir)
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **flags}, indent=2))
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

@@ -5,9 +5,20 @@ from typing import Any
 
 from ..errors import UnsupportedArchitectureError
 from .base import Adapter
+from .gemma import Gemma2Adapter, Gemma3Adapter, GemmaAdapter
 from .llama import LlamaAdapter
+from .phi3 import Phi3Adapter
+from .qwen import Qwen2Adapter, Qwen3Adapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlamaAdapter,
+    Qwen2Adapter,
+    Qwen3Adapter,
+    GemmaAdapter,
+    Gemma2Adapter,
+    Gemma3Adapter,
+    Phi3Adapter,
+)
 
 BY_HF_NAME: dict[str, type[Adapter]] = {name: adapter for adapter in ADAPTERS for name in adapter.architectures}
 

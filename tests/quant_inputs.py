@@ -62,6 +62,21 @@ def _real_rows(n_rows: int, n_per_row: int) -> torch.Tensor:
     return weights.repeat(repeats)[:needed].reshape(n_rows, n_per_row).contiguous()
 
 
+def make_special_rows(seed: int, n_rows: int = 8, n_per_row: int = 512, infinities: bool = True) -> torch.Tensor:
+    """Rows of mixed magnitudes sprinkled with NaN, signed zeros, subnormals and, with infinities, +-inf and 1e38
+    (whose squares overflow): the inputs from which ggml's arithmetic itself generates NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.exp(torch.randn((n_rows, 1), generator=generator) * 3)
+    rows = torch.randn((n_rows, n_per_row), generator=generator) * scales
+    draw = torch.rand((n_rows, n_per_row), generator=generator)
+    specials = [(0.0, 0.01, float("nan")), (0.02, 0.05, 0.0), (0.05, 0.07, -0.0), (0.08, 0.09, 1e-40)]
+    if infinities:
+        specials += [(0.01, 0.015, float("inf")), (0.015, 0.02, -float("inf")), (0.07, 0.08, 1e38)]
+    for low, high, value in specials:
+        rows[(draw >= low) & (draw < high)] = value
+    return rows
+
+
 def make_importance(n_per_row: int, seed: int = 0, with_zeros: bool = False) -> torch.Tensor:
     """A positive imatrix-like vector (mean squared activations span decades); with_zeros adds dead columns."""
     generator = torch.Generator().manual_seed(seed + 1000)

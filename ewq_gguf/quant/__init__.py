@@ -63,6 +63,7 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
 
     importance: optional per-column weights (llama.cpp's imatrix meaning), used only by types whose ggml encoder
     uses them. Rows in bf16/f16 are upcast to float32 first, as llama.cpp does before quantizing.
+    All-finite input is the caller's contract (write.encode_tensor checks it once, on the stored dtype).
     """
     if rows.dim() != 2:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(rows.shape)}")
@@ -70,7 +71,8 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     if codec is None:
         raise ValueError(f"no encoder for {qtype.name}")
     row_nbytes(qtype, rows.shape[1])
-    rows = rows.to(torch.float32).contiguous()
+    # float targets cast straight from the stored dtype (exact: bf16/f16 -> f32 -> bf16/f16 is the identity)
+    rows = rows.contiguous() if qtype in floats.CODECS else rows.to(torch.float32).contiguous()
     if importance is not None:
         if importance.numel() != rows.shape[1]:
             raise ValueError(f"importance has {importance.numel()} values for rows of {rows.shape[1]}")

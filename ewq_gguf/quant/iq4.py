@@ -17,15 +17,14 @@ from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
 from .common import (
-    divide, exact_sqrt, first_absmax, fp16_bytes, int_bytes, nearest_int, pack_nibbles, row_chunks, sequential_sum,
-    to_element_major,
+    GROUP_MAX_EPS, device_chunk_values, divide, exact_sqrt, first_absmax, fp16_bytes, int_bytes, nearest_int,
+    nonzero_reciprocal, pack_nibbles, row_chunks, sequential_sum, to_element_major,
 )
 
 BLOCK = 32
 SUPER_BLOCK = 256
 SUB_BLOCKS = SUPER_BLOCK // BLOCK
 NTRY = 7
-GROUP_MAX_EPS = 1e-15  # ggml: a block whose largest magnitude is below this gets scale 0
 # The non-linear 4-bit grid, ggml's kvalues_iq4nl.
 GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 CHUNK_VALUES = 1 << 16
@@ -37,8 +36,24 @@ def _grid(device: torch.device) -> torch.Tensor:
     return torch.tensor(GRID, dtype=torch.float32, device=device)
 
 
+# ggml's tie test `x - grid[k] < grid[k+1] - x` flips exactly at the midpoint of each pair of neighbours (no
+# rounding in those subtractions reaches the comparison; tests/test_quant_iq4.py checks the midpoints and their
+# float neighbours against a transcription of best_index_int8). The midpoints are multiples of 1/2, so
+# floor(2x) alone decides the index: a 483-entry table over floor(2x) in [-255, 227].
+_TWICE_LOW, _TWICE_HIGH = 2 * GRID[0] - 1, 2 * GRID[-1] + 1
+_INDEX_BY_TWICE = [
+    sum(1 for a, b in zip(GRID, GRID[1:]) if twice >= a + b) for twice in range(_TWICE_LOW, _TWICE_HIGH + 1)
+]
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, grid value) for every floor(2x) + 255."""
+    index = torch.tensor(_INDEX_BY_TWICE, dtype=torch.int64, device=device)
+    return index, _grid(device)[index]
+
+
 def best_index(scaled: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8(16, grid, x): nearest grid index, ties to the upper one, NaN to 15 (int64).
+    """ggml's best_index_int8(16, grid, x) for any float: nearest grid index, ties to the upper one, NaN to 15 (int64).
 
     Below grid[0] and above grid[15] the tie test itself picks the end, as ggml's early returns do.
     """
@@ -48,7 +63,26 @@ def best_index(scaled: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scaled), torch.full_like(index, len(GRID) - 1), index)
 
 
-def _block_scales(x: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def _table_slots(twice_scaled: torch.Tensor) -> torch.Tensor:
+    """Row of the tables for finite 2x: floor(2x) clamped to the tables' span, as int64."""
+    return twice_scaled.floor_().clamp_(_TWICE_LOW, _TWICE_HIGH).sub_(_TWICE_LOW).to(torch.int64)
+
+
+def nearest_on_grid(x: torch.Tensor, scale_inverse: torch.Tensor, finite: bool, want_index: bool) -> torch.Tensor:
+    """best_index (want_index) or the grid value it picks, for x * scale_inverse (broadcast).
+
+    finite: the caller checked x and 2*scale_inverse are finite, so the product has no NaN and the table applies.
+    """
+    if not finite:
+        index = best_index(x * scale_inverse, _grid(x.device))
+        return index if want_index else _grid(x.device)[index]
+    index_table, value_table = _tables(x.device)
+    slots = _table_slots(x * (scale_inverse * 2.0)).reshape(-1)  # 2*(a*b) == (2*a)*b: doubling is exact
+    shape = torch.broadcast_shapes(x.shape, scale_inverse.shape)
+    return torch.index_select(index_table if want_index else value_table, 0, slots).reshape(shape)
+
+
+def _block_scales(x: torch.Tensor, weights: torch.Tensor, finite_x: bool) -> torch.Tensor:
     """The scale quantize_row_iq4_nl_impl picks for each 32-value block of element-major x (32, blocks)."""
     amax, signed_max = first_absmax(x, dim=0)
     zero = amax < GROUP_MAX_EPS
@@ -61,9 +95,13 @@ def _block_scales(x: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor) ->
     )
     first_id = divide(1.0, divide(-signed_max, float(GRID[0])))
     ids = torch.cat([first_id.unsqueeze(0), trial_ids], dim=0)  # (16, blocks)
-    codes = grid[best_index(x.unsqueeze(1) * ids.unsqueeze(0), grid)]  # (32, 16, blocks)
+    finite = finite_x and bool(torch.isfinite(ids * 2.0).all())
+    codes = nearest_on_grid(x.unsqueeze(1), ids.unsqueeze(0), finite, want_index=False)  # (32, 16, blocks)
     weighted = weights.unsqueeze(1) * codes
-    sums = sequential_sum(torch.stack([weighted * x.unsqueeze(1), weighted * codes], dim=1))
+    products = torch.empty((x.shape[0], 2, *codes.shape[1:]), dtype=torch.float32, device=x.device)
+    torch.mul(weighted, x.unsqueeze(1), out=products[:, 0])
+    torch.mul(weighted, codes, out=products[:, 1])
+    sums = sequential_sum(products)
     sumqx, sumq2 = sums[0], sums[1]  # (16, blocks)
 
     d = torch.where(sumq2[0] > 0, divide(sumqx[0], sumq2[0]), torch.zeros_like(sumqx[0]))
@@ -85,33 +123,39 @@ def _weights(x: torch.Tensor, super_sums: torch.Tensor, importance: Optional[tor
     return per_block_importance * exact_sqrt(sigma2 + x * x)
 
 
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite (a finite plain sum proves it; an overflowing one only costs the slow path)."""
+    return bool(torch.isfinite(x.sum()))
+
+
 def _encode_nl(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    grid = _grid(rows.device)
     x = to_element_major(rows, BLOCK)
+    finite = _finite(x)
     weights = _weights(x, sequential_sum(x * x), importance, rows.shape[0], BLOCK)
-    scale = _block_scales(x, weights, grid)
-    inverse = torch.where(scale != 0, divide(1.0, scale), torch.zeros_like(scale))
-    codes = best_index(x * inverse, grid)
+    scale = _block_scales(x, weights, finite)
+    inverse = nonzero_reciprocal(scale)
+    codes = nearest_on_grid(x, inverse, finite and bool(torch.isfinite(inverse * 2.0).all()), want_index=True)
     return torch.cat([fp16_bytes(scale), pack_nibbles(codes[:16], codes[16:]).t()], dim=1)
 
 
 def _encode_xs(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    grid = _grid(rows.device)
     x = to_element_major(rows, BLOCK)  # (32, super_blocks*8)
+    finite = _finite(x)
     n_super = x.shape[1] // SUB_BLOCKS
     # ggml sums x^2 over the super-block in memory order: block 0's 32 values, then block 1's, ...
     squares = (x * x).reshape(BLOCK, n_super, SUB_BLOCKS).permute(2, 0, 1).reshape(SUPER_BLOCK, n_super)
     super_sums = sequential_sum(squares).repeat_interleave(SUB_BLOCKS)
     weights = _weights(x, super_sums, importance, rows.shape[0], SUPER_BLOCK)
-    scales = _block_scales(x, weights, grid).reshape(n_super, SUB_BLOCKS)
+    scales = _block_scales(x, weights, finite).reshape(n_super, SUB_BLOCKS)
 
     _, max_scale = first_absmax(scales, dim=1)
     d = divide(-max_scale, 32.0)
-    inverse = torch.where(d != 0, divide(1.0, d), torch.zeros_like(d))
+    inverse = nonzero_reciprocal(d)
     levels = nearest_int(inverse.unsqueeze(1) * scales).clamp_(-32, 31)  # (n_super, 8)
     block_d = d.unsqueeze(1) * levels.to(torch.float32)
-    block_inverse = torch.where(block_d != 0, divide(1.0, block_d), torch.zeros_like(block_d)).reshape(-1)
-    codes = best_index(x * block_inverse, grid)
+    block_inverse = nonzero_reciprocal(block_d).reshape(-1)
+    finite = finite and bool(torch.isfinite(block_inverse * 2.0).all())
+    codes = nearest_on_grid(x, block_inverse, finite, want_index=True)
 
     stored = levels + 32
     scales_low = pack_nibbles(stored[:, 0::2], stored[:, 1::2])  # (n_super, 4)
@@ -124,7 +168,7 @@ def _encode_xs(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.
 def _in_chunks(encode, rows: torch.Tensor, importance: Optional[torch.Tensor], row_nbytes: int) -> torch.Tensor:
     n_rows, n_per_row = rows.shape
     output = torch.empty((n_rows, row_nbytes), dtype=torch.uint8, device=rows.device)
-    for chunk in row_chunks(n_rows, n_per_row, CHUNK_VALUES):
+    for chunk in row_chunks(n_rows, n_per_row, device_chunk_values(rows.device, CHUNK_VALUES)):
         output[chunk] = encode(rows[chunk], importance).reshape(-1, row_nbytes)
     return output
 

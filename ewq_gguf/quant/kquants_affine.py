@@ -10,6 +10,7 @@ over make_qp_quants' passes are Python loops.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,14 +19,15 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
-from .common import fp16_bytes, fp16_round, low_byte, nearest_int
+from .common import (
+    GROUP_MAX_EPS, divide, fp16_bytes, fp16_round, low_byte, nearest_int, running_sum_from_first, sequential_sum,
+)
 
 SUPER_BLOCK = 256  # QK_K
-_GROUP_MAX_EPS = float(np.float32(1e-15))
 _QP_PASSES = 5  # make_qp_quants' refinement passes (itry)
 # Super-blocks per encoding chunk: big enough that per-op overhead is small, small enough that the search's
 # working set stays in cache on CPU. CUDA takes far more at once.
-_CHUNK_BLOCKS = {"cpu": 512, "cuda": 1 << 16}
+_CHUNK_BLOCKS = {"cpu": 2048, "cuda": 1 << 16}
 
 
 @dataclass(frozen=True)
@@ -44,64 +46,35 @@ class _Search:
         return [float((rmin + rdelta * np.float32(step)) + nmax) for step in range(self.nstep + 1)]
 
 
-def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """C's `float s = 0; for (i...) s += t[i];` along dimension 0, one float32 rounding per addition.
-
-    In place after the first term; equal to common.sequential_sum (0 + t0 == t0 + 0, signed zeros included).
-    """
-    total = terms[0] + 0.0
-    for term in terms[1:]:
-        total.add_(term)
-    return total
-
-
-def _running_sum(terms: torch.Tensor) -> torch.Tensor:
-    """C's `float s = t[0]; for (i = 1...) s += t[i];` along dimension 0 (no leading 0 + t0)."""
-    total = terms[0].clone()
-    for term in terms[1:]:
-        total.add_(term)
+def _sum_rows(rows) -> torch.Tensor:
+    """common.sequential_sum over rows a buffer was split into once (the search's hot loop reuses its buffers, and
+    summing a strided plane through common.sequential_sum would copy it first)."""
+    total = rows[0] + 0.0
+    for row in rows[1:]:
+        total.add_(row)
     return total
 
 
 def _sqrt(values: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root (C's sqrtf).
+    """Correctly rounded float32 square root (C's sqrtf), as common.exact_sqrt but 14 times faster.
 
-    torch's float32 sqrt on CPU is not correctly rounded (about 1 result in 6 is off by one ulp); the float64 root
-    rounded to float32 is, since float64 has more than twice float32's precision.
+    torch's float32 sqrt on CPU is off by one ulp for about 1 input in 6. The float64 root rounded to float32 is
+    already correctly rounded (53 >= 2*24 + 2 bits makes double rounding of a square root harmless), so the
+    midpoint correction of common.exact_sqrt never changes it; on a 1 MB tensor that correction costs 8 ms.
     """
     return torch.sqrt(values.to(torch.float64)).to(torch.float32)
 
 
-def _divide(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator as an IEEE float32 division (Python's `c / t` is reciprocal-then-multiply)."""
-    return torch.full_like(denominator, numerator) / denominator
+def _nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int as the reference library computes it on x86, on every device.
 
-
-def _over(values: torch.Tensor, divisor: float) -> torch.Tensor:
-    """values / divisor as an IEEE division on every device (CUDA multiplies by the reciprocal of a host scalar)."""
-    return values / torch.full_like(values, divisor)
-
-
-_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23, the constant of ggml's nearest_int
-_ROUNDING_LIMIT = 4194303.0  # within +-this, (t + magic) - magic is exactly nearest_int(t)
-
-
-def _grid_levels(x, extremes, minimum, iscale, nmax: int, skip: torch.Tensor) -> torch.Tensor:
-    """MAX(0, MIN(nmax, nearest_int(iscale*(x - minimum)))) as float32, columns in `skip` left unspecified.
-
-    extremes: (smallest, largest) element of each column.
-
-    The float form (t + magic) - magic costs two operations and no integer round trip; it equals ggml's bit trick
-    wherever |t| <= 4194303. t is monotonic along a column, so bounding it at the column's extremes proves that
-    for every element; a column outside (possible only for extreme outliers) sends the whole call to the bit trick.
+    A NaN made by the arithmetic (0*inf, inf-inf, as when an fp16 scale overflows) is x86's default NaN, whose
+    bits the trick turns into 0; CUDA's NaN has other bits, so NaN is mapped to 0 first.
     """
-    low = (extremes[0] - minimum) * iscale
-    high = (extremes[1] - minimum) * iscale
-    in_range = (low.abs() <= _ROUNDING_LIMIT) & (high.abs() <= _ROUNDING_LIMIT)
-    scaled = (x - minimum).mul_(iscale)
-    if bool((in_range | skip).all()):
-        return scaled.add_(_ROUNDING_MAGIC).sub_(_ROUNDING_MAGIC).clamp_(0, nmax)
-    return nearest_int(scaled).clamp_(0, nmax).to(torch.float32)
+    return nearest_int(torch.nan_to_num(values, nan=0.0, posinf=math.inf, neginf=-math.inf))
+
+
+_ROUNDING_LIMIT = 4194303.0  # within +-this, round-half-even equals ggml's nearest_int bit trick
 
 
 def _fit_scale_min(x: torch.Tensor, weights: torch.Tensor, search: _Search):
@@ -110,48 +83,72 @@ def _fit_scale_min(x: torch.Tensor, weights: torch.Tensor, search: _Search):
     Returns (levels float32 like x, scale, minus_min) where minus_min is the function's *the_min (= -min >= 0).
     """
     nmax = search.nmax
-    extremes = torch.aminmax(x, dim=0)
-    highest = extremes.max
-    lowest = extremes.min.clamp(max=0.0)
-    degenerate = ~(highest > lowest)  # ggml: max == min -> all levels 0, scale 0
-    sum_w = _running_sum(weights)
-    sum_x = _running_sum(weights * x)
+    x_low, highest = x.amin(dim=0), x.amax(dim=0)
+    lowest = x_low.clamp(max=0.0)
+    degenerate = ~(highest > lowest)  # ggml returns at once: levels 0, scale 0
+    # give degenerate columns a harmless range so that no inf/NaN runs through the search; masked at the end
+    highest = torch.where(degenerate, lowest.abs() * 2 + 1, highest)
+    sum_w = running_sum_from_first(weights)
+    sum_x = running_sum_from_first(weights * x)
+    numerators = torch.tensor(search.numerators(), dtype=x.dtype, device=x.device)
+
+    n, columns = x.shape
+    trial = torch.empty_like(x)
     # w*l, w*l*l and w*l*x of every element side by side, so that one run of additions sums all three
-    products = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)
+    products = torch.empty((n, 3, columns), dtype=x.dtype, device=x.device)
+    product_rows = products.unbind(0)
+    # the error terms reuse the first plane once the sums are taken: less memory, fewer cache misses
+    diff = products[:, 0]
+    diff_rows = [row[0] for row in product_rows]
+
+    def grid_levels(minimum, iscale):
+        """MAX(0, MIN(nmax, nearest_int(iscale*(x - minimum)))) into `trial`.
+
+        torch.round is round-half-even like nearest_int wherever |t| <= 4194303. t is monotonic along a column
+        and iscale*(max - minimum) is the step's numerator, so the smallest element bounds it; a column outside
+        (only possible far from any sane data) sends the whole call to ggml's exact bit trick.
+        """
+        torch.sub(x, minimum, out=trial)
+        trial.mul_(iscale)
+        bound = (x_low - minimum).mul_(iscale).abs_().max()
+        if bool(bound <= _ROUNDING_LIMIT):
+            return trial.round_().clamp_(0, nmax)
+        trial.copy_(_nearest_int(trial).clamp_(0, nmax))
+        return trial
 
     def error(levels, scale, minimum):
-        diff = (scale * levels).add_(minimum).sub_(x)
-        diff = diff.abs_() if search.use_mad else diff.mul_(diff)
-        return _sequential_sum(diff.mul_(weights))
+        torch.mul(levels, scale, out=diff).add_(minimum).sub_(x)
+        (diff.abs_() if search.use_mad else diff.mul_(diff)).mul_(weights)
+        return _sum_rows(diff_rows)
 
-    iscale = _divide(float(nmax), highest - lowest)
-    scale = _divide(1.0, iscale)
-    best_error = error(_grid_levels(x, extremes, lowest, iscale, nmax, degenerate), scale, lowest)
-    # the best levels are recomputed at the end from the grid (iscale, minimum) that produced them
-    best_iscale, best_grid_min = iscale, lowest
-    minimum = lowest
-    for numerator in search.numerators():
+    iscale = divide(float(nmax), highest - lowest)
+    scale = divide(1.0, iscale)
+    best_error = error(grid_levels(lowest, iscale), scale, lowest)
+    # Rows: error, grid iscale, grid minimum, scale, minimum of the best fit so far. The best levels are not kept
+    # but recomputed at the end from the grid (iscale, minimum) that produced them.
+    best = torch.stack([best_error, iscale, lowest, scale, lowest])
+    candidate = torch.empty_like(best)
+    for step in range(numerators.shape[0]):
+        minimum = best[4]
         # ggml reuses the best minimum found so far, not the sub-block's own, for the next step's grid
-        iscale = _divide(numerator, highest - minimum)
-        trial = _grid_levels(x, extremes, minimum, iscale, nmax, degenerate)
+        iscale = torch.div(numerators[step], highest - minimum, out=candidate[1])
+        candidate[2].copy_(minimum)
+        grid_levels(minimum, iscale)
         weighted = torch.mul(weights, trial, out=products[:, 0])
         torch.mul(weighted, trial, out=products[:, 1])
         torch.mul(weighted, x, out=products[:, 2])
-        sum_l, sum_l2, sum_xl = _sequential_sum(products)
+        sum_l, sum_l2, sum_xl = _sum_rows(product_rows)
         det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        this_scale = torch.div(sum_w * sum_xl - sum_x * sum_l, det, out=candidate[3])
+        this_min = torch.div(sum_l2 * sum_x - sum_l * sum_xl, det, out=candidate[4])
         positive_min = this_min > 0
-        this_min = this_min.masked_fill_(positive_min, 0.0)
-        this_scale = torch.where(positive_min, sum_xl / sum_l2, this_scale)
-        trial_error = error(trial, this_scale, this_min)
-        better = (det > 0) & (trial_error < best_error)
-        best_error = torch.where(better, trial_error, best_error)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        best_grid_min = torch.where(better, minimum, best_grid_min)
-        scale = torch.where(better, this_scale, scale)
-        minimum = torch.where(better, this_min, minimum)
-    levels = _grid_levels(x, extremes, best_grid_min, best_iscale, nmax, degenerate).masked_fill_(degenerate, 0.0)
+        this_min.masked_fill_(positive_min, 0.0)
+        torch.where(positive_min, sum_xl / sum_l2, this_scale, out=this_scale)
+        trial_error = candidate[0].copy_(error(trial, this_scale, this_min))
+        better = (det > 0) & (trial_error < best[0])
+        best = torch.where(better, candidate, best)
+    _, best_iscale, best_grid_min, scale, minimum = best
+    levels = grid_levels(best_grid_min, best_iscale).masked_fill_(degenerate, 0.0)
     scale = scale.masked_fill(degenerate, 0.0)
     minimum = torch.where(degenerate, lowest, minimum)
     return levels, scale, -minimum
@@ -164,52 +161,67 @@ def _fit_level_scale(values: torch.Tensor, nmax: int, weights: torch.Tensor):
     """
     count = values.shape[0]
     vmax = values.amax(dim=0).clamp_(min=0.0)
-    negligible = vmax < _GROUP_MAX_EPS
+    negligible = vmax < GROUP_MAX_EPS
+    weighted_values = weights * values  # ggml's w*x[i]*l is (w*x[i])*l
 
-    iscale = _divide(float(nmax), vmax)
-    first = (nearest_int(iscale * values) & 0xFF).to(torch.float32)
-    scale = _divide(1.0, iscale)
-    diff = values - scale * first
-    best_mse = _sequential_sum(weights * diff * diff)
+    def weighted_square_error(levels, scale):
+        diff = values - scale * levels
+        return sequential_sum(weights * diff * diff)
+
+    iscale = divide(float(nmax), vmax)
+    first = (_nearest_int(iscale * values) & 0xFF).to(torch.float32)
+    best_mse = weighted_square_error(first, divide(1.0, iscale))
     for step in (-4, -3, -2, -1, 1, 2, 3, 4):
         numerator = float(np.float32(0.1) * np.float32(step) + np.float32(nmax))
-        trial_iscale = _divide(numerator, vmax)
-        trial_scale = _divide(1.0, trial_iscale)
-        trial = nearest_int(trial_iscale * values).clamp_(max=nmax).to(torch.float32)
-        diff = values - trial_scale * trial
-        mse = _sequential_sum(weights * diff * diff)
+        trial_iscale = divide(numerator, vmax)
+        trial = _nearest_int(trial_iscale * values).clamp_(max=nmax).to(torch.float32)
+        mse = weighted_square_error(trial, divide(1.0, trial_iscale))
         better = mse < best_mse
         best_mse = torch.where(better, mse, best_mse)
         iscale = torch.where(better, trial_iscale, iscale)
 
-    chosen = nearest_int(iscale * values).clamp_(max=nmax)
-    levels = chosen & 0xFF
+    chosen = _nearest_int(iscale * values).clamp_(max=nmax)
+    levels = (chosen & 0xFF).to(torch.float32)  # the stored uint8 values, exact in float32
     chosen = chosen.to(torch.float32)
-    sum_lx = _sequential_sum(weights * values * chosen)
-    sum_l2 = _sequential_sum(weights * chosen * chosen)
+    sum_lx = sequential_sum(weighted_values * chosen)
+    sum_l2 = sequential_sum(weights * chosen * chosen)
     for _ in range(_QP_PASSES):
         changed = torch.zeros_like(negligible)
         for i in range(count):
-            w, x, stored = weights[i], values[i], levels[i]
-            current = stored.to(torch.float32)
-            slx = sum_lx - w * x * current
+            w, wx, current = weights[i], weighted_values[i], levels[i]
+            slx = sum_lx - wx * current
             sl2 = sum_l2 - w * current * current
-            proposed = nearest_int(x * sl2 / slx).clamp_(max=nmax)
-            candidate = (slx > 0) & (sl2 > 0) & (proposed != stored)
+            # wherever slx > 0 and sl2 > 0 (the only places the proposal is used) the quotient is not NaN
+            proposed = nearest_int(values[i] * sl2 / slx).clamp_(max=nmax)
             proposed_f = proposed.to(torch.float32)
-            slx = slx + w * x * proposed_f
+            candidate = (slx > 0) & (sl2 > 0) & (proposed_f != current)
+            slx = slx + wx * proposed_f
             sl2 = sl2 + w * proposed_f * proposed_f
             accept = candidate & (slx * slx * sum_l2 > sum_lx * sum_lx * sl2)
-            levels[i] = torch.where(accept, proposed & 0xFF, stored)
+            torch.where(accept, (proposed & 0xFF).to(torch.float32), current, out=current)
             sum_lx = torch.where(accept, slx, sum_lx)
             sum_l2 = torch.where(accept, sl2, sum_l2)
             changed |= accept
         if not bool(changed.any()):  # a pass that changes nothing leaves the state for the next one unchanged
             break
+    levels = levels.to(torch.int32)
     scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
     levels = levels.masked_fill_(negligible, 0)
     scale = scale.masked_fill(negligible, 0.0)
     return levels, scale
+
+
+def _fit_scales_and_mins(scales, mins, sub_weight, n_blocks: int, nmax: int):
+    """make_qp_quants of each super-block's sub-block scales and of its minimums (one call for both).
+
+    All inputs are per sub-block, super-block-major (n_blocks * k,). Returns the codes (n_blocks, k) int32 of the
+    scales and of the minimums, then their fp32 super-block scales d and dmin (n_blocks,).
+    """
+    both = torch.cat([scales.reshape(n_blocks, -1), mins.reshape(n_blocks, -1)]).t().contiguous()
+    weights = sub_weight.reshape(n_blocks, -1).repeat(2, 1).t().contiguous()
+    codes, block_scales = _fit_level_scale(both, nmax, weights)
+    codes = codes.t()
+    return codes[:n_blocks], codes[n_blocks:], block_scales[:n_blocks], block_scales[n_blocks:]
 
 
 def _block_major(columns: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -226,7 +238,7 @@ def _positive_max(values: torch.Tensor) -> torch.Tensor:
 
 def _requantize(x, levels, d, dm, nmax):
     """ggml's last pass: l = nearest_int((x + dm)/d) clamped, for sub-blocks whose d is not 0 (others keep levels)."""
-    fresh = nearest_int((x + dm) / d).clamp_(0, nmax).to(torch.float32)
+    fresh = _nearest_int((x + dm) / d).clamp_(0, nmax).to(torch.float32)
     return torch.where(d != 0, fresh, levels)
 
 
@@ -271,29 +283,26 @@ def _encode_32(blocks: torch.Tensor, importance: Optional[torch.Tensor], nmax: i
     n_blocks = blocks.shape[0]
     x = blocks.reshape(n_blocks * 8, 32).t().contiguous()
     if importance is None:
-        sum_x2 = _sequential_sum(x * x)
+        sum_x2 = sequential_sum(x * x)
         av_x = _sqrt(sum_x2 / 32)
         weights = av_x + x.abs()
         levels, scales, mins = _fit_scale_min(x, weights, search)
         scales, mins = scales.reshape(n_blocks, 8), mins.reshape(n_blocks, 8)
         max_scale, max_min = _positive_max(scales), _positive_max(mins)
-        inv_scale = torch.where(max_scale > 0, _divide(63.0, max_scale), torch.zeros_like(max_scale))
-        inv_min = torch.where(max_min > 0, _divide(63.0, max_min), torch.zeros_like(max_min))
-        ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
-        lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
-        d, dmin = _over(max_scale, 63.0), _over(max_min, 63.0)
+        inv_scale = torch.where(max_scale > 0, divide(63.0, max_scale), torch.zeros_like(max_scale))
+        inv_min = torch.where(max_min > 0, divide(63.0, max_min), torch.zeros_like(max_min))
+        ls = (_nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
+        lm = (_nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
+        d, dmin = divide(max_scale, 63.0), divide(max_min, 63.0)
     else:
-        sum_x2 = _sequential_sum(_block_major(x * x, n_blocks))
+        sum_x2 = sequential_sum(_block_major(x * x, n_blocks))
         sigma2 = 2 * sum_x2 / SUPER_BLOCK
         sigma2 = sigma2.repeat_interleave(8)
-        qw = importance.reshape(n_blocks * 8, 32).t()
+        qw = importance.reshape(n_blocks * 8, 32).t().contiguous()
         weights = qw * _sqrt(sigma2 + x * x)
-        sub_weight = _sequential_sum(weights)
+        sub_weight = sequential_sum(weights)
         levels, scales, mins = _fit_scale_min(x, weights, _search_with_importance(nmax))
-        sub_weight = sub_weight.reshape(n_blocks, 8).t()
-        ls, d = _fit_level_scale(scales.reshape(n_blocks, 8).t().contiguous(), 63, sub_weight)
-        lm, dmin = _fit_level_scale(mins.reshape(n_blocks, 8).t().contiguous(), 63, sub_weight)
-        ls, lm = ls.t(), lm.t()
+        ls, lm, d, dmin = _fit_scales_and_mins(scales, mins, sub_weight, n_blocks, 63)
         if nmax == 31:  # quantize_row_q5_K_impl clamps the codes, q4_K's does not
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
     packed = _pack_scales_6bit(ls, lm)
@@ -353,20 +362,18 @@ def _encode_q2_k(blocks: torch.Tensor, importance: Optional[torch.Tensor]) -> to
         scales, mins = scales.reshape(n_blocks, 16), mins.reshape(n_blocks, 16)
         max_scale, max_min = _positive_max(scales), _positive_max(mins)
         has_scale, has_min = max_scale > 0, max_min > 0
-        ls = nearest_int(_divide(15.0, max_scale)[:, None] * scales).masked_fill_(~has_scale[:, None], 0)
-        lm = nearest_int(_divide(15.0, max_min)[:, None] * mins).masked_fill_(~has_min[:, None], 0)
-        d = _over(max_scale, 15.0).masked_fill_(~has_scale, 0.0)
-        dmin = _over(max_min, 15.0).masked_fill_(~has_min, 0.0)
+        ls = _nearest_int(divide(15.0, max_scale)[:, None] * scales).masked_fill_(~has_scale[:, None], 0)
+        lm = _nearest_int(divide(15.0, max_min)[:, None] * mins).masked_fill_(~has_min[:, None], 0)
+        d = divide(max_scale, 15.0).masked_fill_(~has_scale, 0.0)
+        dmin = divide(max_min, 15.0).masked_fill_(~has_min, 0.0)
     else:
-        sum_x2 = _sequential_sum(_block_major(x * x, n_blocks))
+        sum_x2 = sequential_sum(_block_major(x * x, n_blocks))
         sigma2 = (sum_x2 / SUPER_BLOCK).repeat_interleave(16)
-        qw = importance.reshape(n_blocks * 16, 16).t()
+        qw = importance.reshape(n_blocks * 16, 16).t().contiguous()
         weights = qw * _sqrt(sigma2 + x * x)
-        sub_weight = _sequential_sum(weights).reshape(n_blocks, 16).t()
+        sub_weight = sequential_sum(weights)
         levels, scales, mins = _fit_scale_min(x, weights, _SEARCH_Q2_K_IMPORTANCE)
-        ls, d = _fit_level_scale(scales.reshape(n_blocks, 16).t().contiguous(), 15, sub_weight)
-        lm, dmin = _fit_level_scale(mins.reshape(n_blocks, 16).t().contiguous(), 15, sub_weight)
-        ls, lm = ls.t(), lm.t()
+        ls, lm, d, dmin = _fit_scales_and_mins(scales, mins, sub_weight, n_blocks, 15)
     packed = low_byte(ls | (lm << 4))
     header = torch.cat([fp16_bytes(d), fp16_bytes(dmin)], dim=1)
     codes = packed.to(torch.int32)

@@ -1,11 +1,15 @@
 """Q6_K and Q3_K: the symmetric k-quants (signed levels times a per-16 scale times a per-256 fp16 scale).
 
-Bytes match ggml's quantize_q6_K / quantize_q3_K (ggml-quants.c). Their scale searches, make_qx_quants and
-make_q3_quants, run per group of 16 values; here every group of a chunk is searched at once, with the 16 values of
-a group along the first dimension so that ggml's left-to-right sums become 15 whole-tensor additions.
+Bytes match ggml's quantize_q6_K / quantize_q3_K (ggml-quants.c, through ggml_quantize_chunk), with and without
+an importance matrix. Their scale searches, make_qx_quants and make_q3_quants, run per group of 16 values; here every
+group of a chunk is searched at once, stepping through the 16 values of the groups so that ggml's left-to-right
+float32 sums become whole-tensor additions in the same order. Only the order of ggml's own loops is kept: every
+float operation is the same IEEE operation on the same operands (no fused multiply-add; the reference library is
+built without FMA), rounding is ggml's nearest_int (round half to even), and fp16 is round to nearest even.
 
 Layout inside this module: a chunk of rows (R, N) is held "group-major" as (16, R, N/16): element i of group g of row
 r at [i, r, g]. Per-group results are (R, N/16); per-block (256 values) results are (R, N/256).
+NaN or infinite inputs are outside what is matched (ggml's scans skip NaN; the reductions used here do not).
 """
 from __future__ import annotations
 
@@ -25,9 +29,13 @@ GROUPS_PER_BLOCK = QK_K // GROUP
 GROUP_MAX_EPS = 1e-15  # ggml: a group whose largest magnitude is below this is stored as zeros
 Q6_K_BLOCK_BYTES = 210
 Q3_K_BLOCK_BYTES = 110
-# Rows are encoded in chunks of about this many values: large enough that torch's per-operation overhead is small
-# against the work, small enough that the search's working tensors stay in cache.
-CHUNK_VALUES = 1 << 18
+# Rows are encoded in chunks of about this many values: on CPU large enough that torch's per-operation overhead is
+# small against the work and small enough that the search's working tensors stay in cache; on a GPU large enough
+# to fill it.
+CPU_CHUNK_VALUES = 1 << 18
+GPU_CHUNK_VALUES = 1 << 24
+# make_qx_quants on CPU: groups per batch, so that its (2, 19, batch) working tensors stay in cache
+QX_CPU_GROUPS_PER_BATCH = 4096
 
 
 def _candidate_numerators(nmax: int) -> np.ndarray:
@@ -48,12 +56,6 @@ def _from_group_major(values: torch.Tensor) -> torch.Tensor:
     return values.permute(1, 2, 0).reshape(values.shape[1], -1)
 
 
-def _levels(x: torch.Tensor, iscale: torch.Tensor, nmax: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """clamp(nearest_int(iscale*x), -nmax, nmax-1) as float32; |iscale*x| <= nmax+1 here, so round-half-even is
-    exactly nearest_int."""
-    return torch.mul(x, iscale, out=out).round_().clamp_(-nmax, nmax - 1)
-
-
 def _group_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(amax, max) per group of x (16, ...) as ggml's scan `if (fabsf(x) > amax) { amax = fabsf(x); max = x; }`.
 
@@ -70,134 +72,182 @@ def _group_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return amax, signed_max
 
 
-def _sequential_sum0(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 added left to right from +0.0, as ggml's `s += t[i]` loops (torch.sum reorders additions)."""
-    total = terms[0] + 0.0  # C's sum starts at +0.0, which turns a first -0.0 into +0.0
-    for term in terms[1:]:
-        total += term
-    return total
-
-
-def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _WeightedSums:
     """ggml's `sumlx += w*x[i]*l; suml2 += w*l*l` over the 16 values (dim 0) of each group, in its order of
-    operations. x and weights (16, G); levels (16, G) or (16, C, G) for C candidate levels of every group."""
-    factors = torch.stack([weights * x, weights], dim=1)  # (16, 2, G)
-    if levels.dim() > x.dim():
-        factors = factors.unsqueeze(2)
-        levels = levels.unsqueeze(1)
-    products = factors * levels
-    products[:, 1] *= levels[:, 0]
-    sums = _sequential_sum0(products)
-    return sums[0], sums[1]
+    operations, for one set of levels (16, G) at a time. Buffers are reused from call to call."""
+
+    def __init__(self, x: torch.Tensor, weights: torch.Tensor):
+        self.weights = weights
+        self.x_weighted = weights * x
+        self.products = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device)
+
+    def __call__(self, levels: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(2, G): sumlx and suml2."""
+        products = self.products
+        torch.mul(self.x_weighted, levels, out=products[0])
+        torch.mul(self.weights, levels, out=products[1]).mul_(levels)
+        total = torch.add(products[:, 0], products[:, 1], out=out)
+        for i in range(2, GROUP):
+            total += products[:, i]
+        # C's sums start from +0.0; starting from the first term differs only when every term is -0.0, in which
+        # case the sum is -0.0 instead of +0.0, and adding +0.0 repairs exactly that
+        total += 0.0
+        return total
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor):
     """ggml's make_qx_quants(n=16, nmax, x, L, rmse_type=1, weights) for groups x (16, ...), 16 values per column.
 
     weights broadcasts against x (x*x where ggml passes no quant weights). Returns (scale (...), levels (16, ...)
-    int32 in [0, 2*nmax)), levels as ggml stores them in L and 0 for groups that are all (near) zero.
-
-    All 19 candidate scales are evaluated at once; only the choice among them is sequential, as in ggml: candidate
-    c replaces the best so far when sumlx_c^2 > best*suml2_c, with best = (sumlx/suml2)*sumlx of the last accepted.
+    uint8 in [0, 2*nmax)), levels as ggml stores them in L and 0 for groups that are all (near) zero.
+    On CPU the groups go through in batches small enough for the candidates' working tensors to stay in cache.
     """
     group_shape = x.shape[1:]
     weights = weights.expand_as(x).reshape(GROUP, -1)
     x = x.reshape(GROUP, -1)
+    batch = QX_CPU_GROUPS_PER_BATCH if x.device.type == "cpu" else x.shape[1]
+    scale = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
+    levels = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    for start in range(0, x.shape[1], batch):
+        part = slice(start, start + batch)
+        scale[part], levels[:, part] = _make_qx_quants(x[:, part], nmax, weights[:, part])
+    return scale.reshape(group_shape), levels.reshape(GROUP, *group_shape)
+
+
+def _make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants for x and weights (16, G).
+
+    All 19 candidate scales advance together, one value of the group at a time, so that ggml's left-to-right sums
+    are 16 additions of whole (2, 19, G) tensors. Then the choice runs in ggml's order: candidate c replaces the
+    best so far when sumlx_c^2 > best*suml2_c, best being (sumlx/suml2)*sumlx of the last accepted candidate.
+    """
+    n_groups = x.shape[1]
     amax, signed_max = _group_absmax(x)
     zero = amax < GROUP_MAX_EPS
     signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
     numerators = _candidate_numerators(nmax)
+    n_candidates = len(numerators)
     iscales = divide(torch.from_numpy(numerators).to(x.device).unsqueeze(-1), signed_max)  # (19, G)
 
-    # |iscale*x| <= |numerator| (to an ulp) < 2**22, so round-half-even is exactly ggml's nearest_int
-    levels = (x.unsqueeze(1) * iscales).round_().clamp_(-nmax, nmax - 1)  # (16, 19, G)
-    sumlx, suml2 = _weighted_sums(x, weights, levels)  # (19, G) each
+    x_weighted = weights * x
+    levels = torch.empty((n_candidates, n_groups), dtype=torch.float32, device=x.device)
+    products = torch.empty((2, n_candidates, n_groups), dtype=torch.float32, device=x.device)
+    sums = torch.zeros((2, n_candidates, n_groups), dtype=torch.float32, device=x.device)  # C's sums start at +0.0
+    for i in range(GROUP):
+        # |iscale*x| <= |numerator| (to an ulp) < 2**22, so round-half-even is exactly ggml's nearest_int
+        torch.mul(iscales, x[i], out=levels).round_().clamp_(-nmax, nmax - 1)
+        torch.mul(levels, x_weighted[i], out=products[0])  # (w*x)*l
+        torch.mul(levels, weights[i], out=products[1]).mul_(levels)  # (w*l)*l
+        sums += products
+    sumlx, suml2 = sums[0], sums[1]
 
-    ratio = sumlx / suml2
-    # a candidate with suml2 <= 0 is never taken: give it a fit that loses every comparison
-    fit = torch.where(suml2 > 0, sumlx * sumlx, torch.full_like(sumlx, float("-inf")))
-    first_scale = torch.where(suml2[0] != 0, ratio[0], torch.zeros_like(ratio[0]))
-    # per candidate (its best value, its index), so that one where() per step carries both
-    candidates = torch.stack([ratio * sumlx, torch.arange(len(numerators), dtype=torch.float32, device=x.device)
-                              .unsqueeze(-1).expand_as(sumlx)], dim=1)  # (19, 2, G)
-    state = torch.stack([first_scale * sumlx[0], torch.zeros_like(first_scale)])
-    for c in range(1, len(numerators)):
-        better = fit[c] > state[0] * suml2[c]
-        state = torch.where(better, candidates[c], state)
+    ratios = sumlx / suml2
+    ratios[0].masked_fill_(suml2[0] == 0, 0.0)  # ggml: scale = suml2 ? sumlx/suml2 : 0
+    best = ratios[0] * sumlx[0]
+    chosen = torch.zeros(n_groups, dtype=torch.int64, device=x.device)
+    for c in range(1, n_candidates):
+        better = (sumlx[c] * sumlx[c] > best * suml2[c]) & (suml2[c] > 0)
+        best = torch.where(better, ratios[c] * sumlx[c], best)
+        chosen.masked_fill_(better, c)
 
-    chosen = state[1].to(torch.int64).unsqueeze(0)
-    scale = torch.where(chosen[0] == 0, first_scale, ratio.gather(0, chosen)[0])
-    levels = levels.gather(1, chosen.unsqueeze(0).expand(GROUP, 1, -1))[:, 0]
-    levels = (levels.to(torch.int32) + nmax) * (~zero).to(torch.int32)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale.reshape(group_shape), levels.reshape(GROUP, *group_shape)
+    scale = ratios.gather(0, chosen.unsqueeze(0))[0]
+    best_levels = (x * iscales.gather(0, chosen.unsqueeze(0))).round_().clamp_(-nmax, nmax - 1)
+    best_levels = (best_levels + nmax).to(torch.uint8)
+    if bool(zero.any()):
+        best_levels[:, zero] = 0
+        scale[zero] = 0.0
+    return scale, best_levels
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int = 4, max_passes: int = 5):
-    """ggml's make_q3_quants(n=16, nmax, x, L, do_rmse=true) for all groups of x (16, G) at once.
+    """ggml's make_q3_quants(n=16, nmax, x, L, do_rmse=true) for groups x (16, G), 16 values per column.
 
-    ggml refines one level at a time, accepting a change when it raises the x^2-weighted fit, for up to 5 passes
-    over the group, stopping after a pass with no change. A pass without change leaves the state as it was, so
-    groups that stopped are simply left out of later passes. Returns (scale (G,), levels (16, G) int32 in
-    [0, 2*nmax)).
+    ggml refines one level at a time: in up to 5 passes over the group, element i moves to the level that fits it
+    best given the others when that raises the x^2-weighted fit, and a pass without any move ends the search.
+    Every element before the first move of a pass sees the same sums, so instead of stepping element by element,
+    each round evaluates all the elements of a group still ahead in its pass and applies only the first move;
+    the next round continues after it. Most groups make no move in their first pass and are done after one round.
+    Returns (scale (G,), levels (16, G) uint8 in [0, 2*nmax)).
     """
+    n_groups = x.shape[1]
     amax, signed_max = _group_absmax(x)
     zero = amax < GROUP_MAX_EPS
     signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
     weights = x * x
-    x_weighted = weights * x
-    levels = _levels(x, divide(float(-nmax), signed_max), nmax)
-    sumlx, suml2 = _weighted_sums(x, weights, levels)
+    weighted_sums = _WeightedSums(x, weights)
+    x_weighted = weighted_sums.x_weighted
+    levels = (x * divide(float(-nmax), signed_max)).round_().clamp_(-nmax, nmax - 1)
+    sumlx, suml2 = weighted_sums(levels)
 
-    active = torch.arange(x.shape[1], device=x.device)
-    for _ in range(max_passes):
-        if active.numel() == 0:
-            break
-        if active.numel() == x.shape[1]:
-            sub_x, sub_w, sub_wx, sub_levels = x, weights, x_weighted, levels
+    position = torch.zeros(n_groups, dtype=torch.int64, device=x.device)  # next element of the current pass
+    passes = torch.zeros(n_groups, dtype=torch.int64, device=x.device)  # passes completed
+    moved = torch.zeros(n_groups, dtype=torch.bool, device=x.device)  # whether the current pass moved a level
+    element = torch.arange(GROUP, device=x.device).unsqueeze(1)
+    active = torch.arange(n_groups, device=x.device)
+    while active.numel():
+        if active.numel() == n_groups:
+            xs, ws, wxs, ls = x, weights, x_weighted, levels
         else:
-            sub_x, sub_w, sub_wx, sub_levels = x[:, active], weights[:, active], x_weighted[:, active], levels[:, active]
-        sub_sumlx, sub_suml2 = sumlx[active], suml2[active]
-        changed = torch.zeros(active.shape, dtype=torch.bool, device=x.device)
-        for i in range(GROUP):
-            level = sub_levels[i]
-            slx = sub_sumlx - sub_wx[i] * level
-            sl2 = sub_suml2 - (sub_w[i] * level) * level
-            new_level = nearest_int(sub_x[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
-            accept = (slx > 0) & (new_level != level)
-            slx += sub_wx[i] * new_level
-            sl2 += (sub_w[i] * new_level) * new_level
-            accept &= (sl2 > 0) & ((slx * slx) * sub_suml2 > (sub_sumlx * sub_sumlx) * sl2)
-            sub_levels[i] = torch.where(accept, new_level, level)
-            sub_sumlx = torch.where(accept, slx, sub_sumlx)
-            sub_suml2 = torch.where(accept, sl2, sub_suml2)
-            changed |= accept
-        if sub_levels is not levels:
-            levels[:, active] = sub_levels
-        sumlx[active], suml2[active] = sub_sumlx, sub_suml2
-        active = active[changed]
+            xs, ws, wxs, ls = (t.index_select(1, active) for t in (x, weights, x_weighted, levels))
+        sx, s2 = sumlx[active], suml2[active]
+        slx = sx - wxs * ls
+        sl2 = s2 - (ws * ls) * ls
+        new_levels = nearest_int(xs * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+        candidate = (new_levels != ls) & (slx > 0)
+        if bool(position.any()):
+            candidate &= element >= position[active]
+        # the acceptance test, only where a level would change (few elements)
+        at, column = candidate.nonzero(as_tuple=True)
+        new_level = new_levels[at, column]
+        new_slx = slx[at, column] + wxs[at, column] * new_level
+        new_sl2 = sl2[at, column] + (ws[at, column] * new_level) * new_level
+        sx_c, s2_c = sx[column], s2[column]
+        accept = (new_sl2 > 0) & ((new_slx * new_slx) * s2_c > (sx_c * sx_c) * new_sl2)
+        at, column, new_level, new_slx, new_sl2 = (t[accept] for t in (at, column, new_level, new_slx, new_sl2))
+        # only the first accepted element of each group moves in this round
+        first = torch.full(active.shape, GROUP, dtype=torch.int64, device=x.device)
+        first.scatter_reduce_(0, column, at, reduce="amin")
+        take = at == first[column]
+        at, column, new_level, new_slx, new_sl2 = (t[take] for t in (at, column, new_level, new_slx, new_sl2))
+        groups = active[column]
+        levels[at, groups] = new_level
+        sumlx[groups] = new_slx
+        suml2[groups] = new_sl2
+        position[groups] = at + 1
+        moved[groups] = True
+
+        ended = active[first == GROUP]  # their pass ran to the end
+        position[ended] = 0
+        passes[ended] += 1
+        again = ended[moved[ended] & (passes[ended] < max_passes)]
+        moved[again] = False
+        active = torch.cat([groups, again])
 
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    levels = (levels + nmax).to(torch.int32)
-    levels = torch.where(zero, torch.zeros_like(levels), levels)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    levels = (levels + nmax).to(torch.uint8)
+    if bool(zero.any()):
+        levels[:, zero] = 0
+        scale[zero] = 0.0
     return scale, levels
 
 
 def _requantize(x: torch.Tensor, levels: torch.Tensor, group_d: torch.Tensor, nmax: int) -> torch.Tensor:
     """ggml's second pass: levels from the stored (fp16 d) * (integer scale); groups whose product is 0 keep the
     levels of the search."""
-    requantized = nearest_int(x / group_d).clamp_(-nmax, nmax - 1) + nmax
-    return torch.where(group_d != 0, requantized, levels)
+    requantized = (nearest_int(x / group_d).clamp_(-nmax, nmax - 1) + nmax).to(torch.uint8)
+    keep = group_d == 0
+    if bool(keep.any()):
+        requantized[:, keep] = levels[:, keep]
+    return requantized
 
 
 def _bit_fields(values: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """OR of values[k] << (width*k) along dim (fields do not overlap, so a sum is the OR)."""
-    count = values.shape[dim]
-    shape = [1] * values.dim()
-    shape[dim] = count
-    shifts = (torch.arange(count, dtype=torch.int32, device=values.device) * width).reshape(shape)
-    return (values << shifts).sum(dim=dim, dtype=torch.int32)
+    """values[0] | values[1] << width | values[2] << 2*width ... along dim, in the dtype of values."""
+    fields = values.unbind(dim)
+    packed = fields[0].clone()
+    for k, field in enumerate(fields[1:], start=1):
+        packed |= field << (width * k)
+    return packed
 
 
 def _split_bit_fields(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
@@ -206,11 +256,17 @@ def _split_bit_fields(packed: torch.Tensor, width: int, count: int) -> torch.Ten
     return (packed.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
 
 
-def _in_chunks(encode, rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int) -> torch.Tensor:
+def _chunk_values(device: torch.device) -> int:
+    return CPU_CHUNK_VALUES if device.type == "cpu" else GPU_CHUNK_VALUES
+
+
+def _in_chunks(encode, rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int,
+               per_row: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """encode(rows[chunk], importance, *(t[chunk] for t in per_row)) over chunks of rows, into one uint8 array."""
     n_rows, n_per_row = rows.shape
     output = torch.empty((n_rows, n_per_row // QK_K * block_bytes), dtype=torch.uint8, device=rows.device)
-    for chunk in row_chunks(n_rows, n_per_row, CHUNK_VALUES):
-        output[chunk] = encode(rows[chunk], importance)
+    for chunk in row_chunks(n_rows, n_per_row, _chunk_values(rows.device)):
+        output[chunk] = encode(rows[chunk], importance, *(t[chunk] for t in per_row))
     return output
 
 
@@ -232,16 +288,16 @@ def _encode_q6_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torc
     codes = as_int8(nearest_int(iscale.unsqueeze(-1) * block_scales).clamp_(max=127))
     codes = torch.where(zero_block.unsqueeze(-1), torch.zeros_like(codes), codes)
     group_d = (fp16_round(d_raw).unsqueeze(-1) * codes.to(torch.float32)).reshape(n_rows, -1)
-    levels = _requantize(x, levels, group_d, 32)
+    levels = _from_group_major(_requantize(x, levels, group_d, 32)).reshape(n_rows, n_blocks, QK_K)
+    if bool(zero_block.any()):
+        levels[zero_block] = 0  # ggml writes a zero block
 
-    levels = _from_group_major(levels).reshape(n_rows, n_blocks, 2, 4, 32)
-    levels = torch.where(zero_block.reshape(n_rows, n_blocks, 1, 1, 1), torch.zeros_like(levels), levels)
+    levels = levels.reshape(n_rows, n_blocks, 2, 4, 32)  # [half, quarter, l] is value 128*half + 32*quarter + l
     low, high = levels & 0xF, levels >> 4
     ql = torch.cat([low[:, :, :, 0] | (low[:, :, :, 2] << 4), low[:, :, :, 1] | (low[:, :, :, 3] << 4)], dim=-1)
-    qh = _bit_fields(high, 2, dim=-2)
     return torch.cat([
-        ql.reshape(n_rows, n_blocks, 128).to(torch.uint8),
-        qh.reshape(n_rows, n_blocks, 64).to(torch.uint8),
+        ql.reshape(n_rows, n_blocks, 128),
+        _bit_fields(high, 2, dim=-2).reshape(n_rows, n_blocks, 64),
         (codes & 0xFF).to(torch.uint8),
         fp16_bytes(d_raw),
     ], dim=-1).reshape(n_rows, -1)
@@ -265,7 +321,8 @@ def dequantize_q6_k(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- Q3_K
 
-def _encode_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
+def _encode_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor],
+                 sigma2: Optional[torch.Tensor] = None) -> torch.Tensor:
     n_rows, n_per_row = rows.shape
     n_blocks = n_per_row // QK_K
     x = _to_group_major(rows)
@@ -278,13 +335,11 @@ def _encode_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torc
         nonzero = max_scale != 0
         iscale = divide(-32.0, torch.where(nonzero, max_scale, torch.ones_like(max_scale)))
         codes = as_int8(nearest_int(iscale.unsqueeze(-1) * block_scales)).clamp_(-32, 31) + 32
-        codes = torch.where(nonzero.unsqueeze(-1), codes, torch.zeros_like(codes))
+        codes = torch.where(nonzero.unsqueeze(-1), codes, torch.zeros_like(codes)).to(torch.uint8)
         d_raw = torch.where(nonzero, divide(1.0, iscale), torch.zeros_like(iscale))
     else:
         # quantize_row_q3_K_impl: weights imatrix * sqrt(sigma2 + x^2), then the group scales fitted by
         # make_qx_quants weighted by each group's total weight
-        squares = (rows * rows).reshape(n_rows, n_blocks, QK_K).permute(2, 0, 1)
-        sigma2 = (sequential_sum(squares) * 2) / QK_K
         sigma2 = sigma2.repeat_interleave(GROUPS_PER_BLOCK, dim=-1)
         weights = importance.reshape(-1, GROUP).t().unsqueeze(1) * exact_sqrt(sigma2 + x * x)
         group_weights = sequential_sum(weights)
@@ -295,25 +350,35 @@ def _encode_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torc
             group_weights.reshape(n_rows, n_blocks, GROUPS_PER_BLOCK).permute(2, 0, 1),
         )
         codes = codes.permute(1, 2, 0)
-    group_d = (fp16_round(d_raw).unsqueeze(-1) * (codes - 32).to(torch.float32)).reshape(n_rows, -1)
-    levels = _requantize(x, levels, group_d, 4)
+    group_d = (fp16_round(d_raw).unsqueeze(-1) * (codes.to(torch.float32) - 32)).reshape(n_rows, -1)
+    levels = _from_group_major(_requantize(x, levels, group_d, 4)).reshape(n_rows, n_blocks, QK_K)
 
-    levels = _from_group_major(levels).reshape(n_rows, n_blocks, QK_K)
-    hmask = _bit_fields((levels >> 2).reshape(n_rows, n_blocks, 8, 32), 1, dim=-2)
+    hmask = _bit_fields((levels >> 2).reshape(n_rows, n_blocks, 8, 32), 1, dim=-2)  # bit b of byte m: 32*b + m
     qs = _bit_fields((levels & 3).reshape(n_rows, n_blocks, 2, 4, 32), 2, dim=-2)
     scale_low = (codes[..., :8] & 0xF) | ((codes[..., 8:] & 0xF) << 4)
     scale_high = _bit_fields((codes >> 4).reshape(n_rows, n_blocks, 4, 4), 2, dim=-2)
     return torch.cat([
-        hmask.to(torch.uint8),
-        qs.reshape(n_rows, n_blocks, 64).to(torch.uint8),
-        scale_low.to(torch.uint8),
-        scale_high.to(torch.uint8),
-        fp16_bytes(d_raw),
+        hmask, qs.reshape(n_rows, n_blocks, 64), scale_low, scale_high, fp16_bytes(d_raw),
     ], dim=-1).reshape(n_rows, -1)
 
 
+def _block_sigma2(rows: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q3_K_impl's sigma2 = 2*sum(x^2)/256 per block, summed left to right: (R, N/256).
+
+    The 256 sequential additions run over many rows at a time, which is far cheaper per value than chunk by chunk.
+    """
+    n_rows, n_per_row = rows.shape
+    sigma2 = torch.empty((n_rows, n_per_row // QK_K), dtype=torch.float32, device=rows.device)
+    for chunk in row_chunks(n_rows, n_per_row, max(_chunk_values(rows.device), 1 << 22)):
+        squares = to_element_major(rows[chunk] * rows[chunk], QK_K)  # (256, blocks)
+        sigma2[chunk] = ((sequential_sum(squares) * 2) / QK_K).reshape(-1, n_per_row // QK_K)
+    return sigma2
+
+
 def quantize_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    return _in_chunks(_encode_q3_k, rows, importance, Q3_K_BLOCK_BYTES)
+    if importance is None:
+        return _in_chunks(_encode_q3_k, rows, None, Q3_K_BLOCK_BYTES)
+    return _in_chunks(_encode_q3_k, rows, importance, Q3_K_BLOCK_BYTES, per_row=(_block_sigma2(rows),))
 
 
 def dequantize_q3_k(data: torch.Tensor, n_per_row: int) -> torch.Tensor:

@@ -6,35 +6,30 @@ Q4_1/Q5_1 search scale and offset with make_qkx3_quants, both weighted by imatri
 sigma2 is the row's mean square; Q8_0 ignores importance. The C casts of float to int8_t/uint8_t are reproduced as
 x86-64 executes them (truncation, low byte), which only matters for NaN input.
 
-Layout: a chunk of rows is held element-major, (32, blocks), so per-block scans run along dim 0.
+Layout: a chunk of rows is seen as (32, blocks), element i of every block along dim 0, so per-block scans run along
+dim 0: a transposed view for the elementwise *_ref encoders, a contiguous copy for the searches' running sums.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
 from .common import (
-    FLT_MAX, as_int8, divide, exact_sqrt, first_absmax, first_max, first_min, fp16_bytes, low_byte,
-    make_qkx3_quants, make_qx_quants, pack_high_bits, pack_nibbles, round_half_away, row_chunks, sequential_sum,
-    to_element_major, truncate_to_int, unpack_high_bits,
+    FLT_MAX, as_int8, device_chunk_values, divide, exact_sqrt, first_absmax, first_max, first_min, fp16_bytes,
+    low_byte, make_qkx3_quants, make_qx_quants, nonzero_reciprocal, pack_high_bits, pack_nibbles, round_half_away,
+    row_chunks, sequential_sum, to_element_major, truncate_to_int, unpack_high_bits,
 )
 
 BLOCK = 32
-# Rows are encoded in chunks of about this many values so that the working tensors stay in cache.
-CHUNK_VALUES = 1 << 17
+# Rows are encoded in chunks of about this many values: large enough to amortise torch's per-call cost, small
+# enough to bound memory. make_qx_quants holds its 19 trial scales at once, so its chunks are smaller.
+CHUNK_VALUES = 1 << 20
+CHUNK_VALUES_ALL_TRIALS = 1 << 14
 # Bytes per block of each type (gguf's table, repeated here to lay out the fields).
 BLOCK_BYTES = {QType.Q8_0: 34, QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24}
-
-Encoder = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-
-
-def _nonzero_reciprocal(d: torch.Tensor) -> torch.Tensor:
-    """ggml's `id = d ? 1.0f/d : 0.0f` (NaN counts as true)."""
-    return torch.where(d != 0, divide(1.0, d), torch.zeros_like(d))
-
 
 def _row_sigma2(rows: torch.Tensor) -> torch.Tensor:
     """sum_x2/n_per_row per row, the sum of x*x taken left to right over the whole row as ggml does."""
@@ -47,19 +42,23 @@ def _weights(x: torch.Tensor, sigma2_per_block: torch.Tensor, importance: torch.
     return per_block_importance * exact_sqrt(sigma2_per_block + x * x)
 
 
-def _encode_rows(rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int, encode) -> torch.Tensor:
-    """Run encode(x (32, blocks), weights or None, n_rows) over chunks of rows; returns (n_rows, row_bytes)."""
+def _encode_rows(rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int, encode,
+                 chunk_values: int) -> torch.Tensor:
+    """Run encode(x (32, blocks), weights or None) over chunks of rows; returns (n_rows, row_bytes)."""
     n_rows, n_per_row = rows.shape
     blocks_per_row = n_per_row // BLOCK
     output = torch.empty((n_rows, blocks_per_row * block_bytes), dtype=torch.uint8, device=rows.device)
     sigma2 = _row_sigma2(rows) if importance is not None else None
-    for chunk in row_chunks(n_rows, n_per_row, CHUNK_VALUES):
+    for chunk in row_chunks(n_rows, n_per_row, device_chunk_values(rows.device, chunk_values)):
         part = rows[chunk]
-        x = to_element_major(part, BLOCK)
-        weights = None
-        if importance is not None:
-            sigma2_per_block = sigma2[chunk].repeat_interleave(blocks_per_row)
-            weights = _weights(x, sigma2_per_block, importance, part.shape[0])
+        if importance is None:
+            # a transposed view, not a copy: elementwise results keep the blocks' memory order, so the packed
+            # bytes come out block by block without a transpose back
+            x, weights = part.reshape(-1, BLOCK).t(), None
+        else:
+            # the searches add along dim 0 one element at a time, which wants each element's row contiguous
+            x = to_element_major(part, BLOCK)
+            weights = _weights(x, sigma2[chunk].repeat_interleave(blocks_per_row), importance, part.shape[0])
         output[chunk] = encode(x, weights).reshape(part.shape[0], -1)
     return output
 
@@ -75,38 +74,65 @@ def _pack_five_bit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- encoders without importance (ggml *_ref)
+#
+# Each has a fast path for the usual case, finite values and finite reciprocal scales, where every scaled value
+# lies well inside int32 and C's casts are plain truncations; otherwise the casts are emulated exactly.
 
-def _q8_0_amax(x: torch.Tensor) -> torch.Tensor:
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value is finite; a finite plain sum proves it in one pass (an overflowing sum only costs the
+    exact slow path)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def _q8_0_amax(x: torch.Tensor, finite: bool) -> torch.Tensor:
     """ggml's `amax = MAX(amax, fabsf(v))` scan: a NaN is taken when met and dropped by the next value."""
+    if finite:
+        return torch.maximum(x.amax(dim=0), -x.amin(dim=0)).abs()
     magnitude = x.abs()
     nan = torch.isnan(magnitude)
-    if not bool(nan.any()):
-        return magnitude.amax(dim=0).clamp(min=0.0)
     position = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
     last_nan = torch.where(nan, position, torch.full_like(position, -1)).amax(dim=0)
     after = torch.where(position > last_nan, magnitude, torch.zeros_like(magnitude)).amax(dim=0)
     return torch.where(last_nan == x.shape[0] - 1, torch.full_like(after, float("nan")), after)
 
 
+def _c_roundf_to_int(values: torch.Tensor) -> torch.Tensor:
+    """`(int)roundf(v)` on x86-64 for any float: NaN, infinities and |v| >= 2**31 give INT_MIN."""
+    valid = torch.isfinite(values) & (values.abs() < 2147483648.0)
+    rounded = round_half_away(torch.where(valid, values, torch.zeros_like(values)))
+    return torch.where(valid, rounded, torch.full_like(rounded, -2147483648))
+
+
 def _encode_q8_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    d = divide(_q8_0_amax(x), 127.0)
-    codes = low_byte(truncate_to_int(round_half_away(x * _nonzero_reciprocal(d))))
+    finite = _all_finite(x)
+    d = divide(_q8_0_amax(x, finite), 127.0)
+    inverse = nonzero_reciprocal(d)
+    scaled = x * inverse
+    if finite and _all_finite(inverse):
+        codes = round_half_away(scaled).to(torch.int8).view(torch.uint8)
+    else:
+        codes = low_byte(_c_roundf_to_int(scaled))
     return torch.cat([fp16_bytes(d), codes.t()], dim=1)
 
 
-def _truncated_codes(scaled: torch.Tensor, offset: float, top: Optional[int]) -> torch.Tensor:
+def _truncated_codes(scaled: torch.Tensor, offset: float, top: Optional[int], fast: bool) -> torch.Tensor:
     """`MIN(top, (int8_t)(scaled + offset))` stored in a uint8_t, or `(uint8_t)(scaled + offset)` when top is None."""
-    truncated = truncate_to_int(scaled + offset)
+    shifted = scaled + offset
+    if fast:  # 0 <= shifted < 2*top + 1: the cast is a truncation that fits the byte
+        truncated = shifted.to(torch.int32)
+        return (truncated if top is None else truncated.clamp_(max=top)).to(torch.uint8)
+    truncated = truncate_to_int(shifted)
     if top is None:
-        return truncated & 0xFF
-    return torch.clamp(as_int8(truncated), max=top) & 0xFF
+        return low_byte(truncated)
+    return low_byte(torch.clamp(as_int8(truncated), max=top))
 
 
 def _symmetric_ref(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0/Q5_0 ref: d = max/-levels from the first largest magnitude, codes of x/d + levels + 0.5 truncated."""
     _, signed_max = first_absmax(x, dim=0)
     d = divide(signed_max, float(-levels))
-    codes = _truncated_codes(x * _nonzero_reciprocal(d), levels + 0.5, 2 * levels - 1)
+    inverse = nonzero_reciprocal(d)
+    codes = _truncated_codes(x * inverse, levels + 0.5, 2 * levels - 1, _all_finite(x, inverse))
     return d, codes
 
 
@@ -115,15 +141,16 @@ def _affine_ref(x: torch.Tensor, levels: int, clamp_codes: bool) -> tuple[torch.
     low = first_min(x, dim=0, start=FLT_MAX)
     high = first_max(x, dim=0, start=-FLT_MAX)
     d = divide(high - low, float(levels))
-    codes = _truncated_codes((x - low) * _nonzero_reciprocal(d), 0.5, levels if clamp_codes else None)
+    inverse = nonzero_reciprocal(d)
+    fast = _all_finite(x, inverse)
+    codes = _truncated_codes((x - low) * inverse, 0.5, levels if clamp_codes else None, fast)
     return d, low, codes
 
 
 def _encode_q4_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     if weights is None:
         d, codes = _symmetric_ref(x, 8)
-        # ggml: qs = xi0 | xi1 << 4 with xi0 a full byte (it is at most 15 here)
-        qs = ((codes[:16] | (codes[16:] << 4)) & 0xFF).to(torch.uint8).t()
+        qs = (codes[:16] | (codes[16:] << 4)).t()  # ggml ORs the full byte xi0 (at most 15 here)
     else:
         d, codes = make_qx_quants(x, 8, weights)
         qs = _pack_low_nibbles(codes)
@@ -142,7 +169,7 @@ def _encode_q5_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tens
 def _encode_q4_1(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     if weights is None:
         d, offset, codes = _affine_ref(x, 15, clamp_codes=True)
-        qs = ((codes[:16] | (codes[16:] << 4)) & 0xFF).to(torch.uint8).t()
+        qs = (codes[:16] | (codes[16:] << 4)).t()  # ggml ORs the full byte xi0 (at most 15 here)
     else:
         d, the_min, codes = make_qkx3_quants(x, 15, weights)
         offset = -the_min
@@ -211,17 +238,21 @@ def _decode_q5_1(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
     return (levels * _fp16_field(blocks, 0) + _fp16_field(blocks, 2)).reshape(data.shape[0], n_per_row)
 
 
-def _codec(qtype: QType, encode, decode, uses_importance: bool) -> Codec:
+def _codec(qtype: QType, encode, decode, uses_importance: bool, weighted_chunk_values: int = CHUNK_VALUES) -> Codec:
     def quantize(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-        return _encode_rows(rows, importance if uses_importance else None, BLOCK_BYTES[qtype], encode)
+        weighted = uses_importance and importance is not None
+        return _encode_rows(rows, importance if weighted else None, BLOCK_BYTES[qtype], encode,
+                            weighted_chunk_values if weighted else CHUNK_VALUES)
 
     return Codec(quantize=quantize, dequantize=decode, uses_importance=uses_importance)
 
 
 CODECS: dict[QType, Codec] = {
     QType.Q8_0: _codec(QType.Q8_0, _encode_q8_0, _decode_q8_0, uses_importance=False),
-    QType.Q4_0: _codec(QType.Q4_0, _encode_q4_0, _decode_q4_0, uses_importance=True),
+    QType.Q4_0: _codec(QType.Q4_0, _encode_q4_0, _decode_q4_0, uses_importance=True,
+                       weighted_chunk_values=CHUNK_VALUES_ALL_TRIALS),
     QType.Q4_1: _codec(QType.Q4_1, _encode_q4_1, _decode_q4_1, uses_importance=True),
-    QType.Q5_0: _codec(QType.Q5_0, _encode_q5_0, _decode_q5_0, uses_importance=True),
+    QType.Q5_0: _codec(QType.Q5_0, _encode_q5_0, _decode_q5_0, uses_importance=True,
+                       weighted_chunk_values=CHUNK_VALUES_ALL_TRIALS),
     QType.Q5_1: _codec(QType.Q5_1, _encode_q5_1, _decode_q5_1, uses_importance=True),
 }

@@ -32,34 +32,199 @@ def main() -> None:
     """ewq-gguf: Hugging Face checkpoints to mixed-precision GGUF files for llama.cpp and Ollama."""
 
 
+_ENTROPY_HELP = "Entropy EWQ ranks blocks by: softmax (nats) or 128-bin histogram (bits). [default: softmax]"
+_DIRECTION_HELP = ("Which end of the block score goes to the LOW type. [default: low-first for ewq (EWQ's: low "
+                   "entropy -> low precision), high-first for zd (highest ZD LOW)]")
+_TYPES_HELP = "Tier types LOW,MID,HIGH. [default: Q4_K,Q8_0,F16]"
+_K_HELP = "EWQ: blocks below mean - k*std of entropy go LOW, below the mean MID, the rest HIGH. [default: 0.65]"
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--method", default="uniform", show_default=True, help="How types are decided.")
-@click.option("--type", "type_", default="Q8_0", show_default=True, help="Type for --method uniform.")
+@click.option("--method", type=click.Choice(["ewq", "fastewq", "zd", "lim", "optimal", "uniform"]),
+              help="How types are decided: ewq (entropy tiers, reads the weights), fastewq (tiers predicted from "
+                   "metadata only), zd (least important fraction of blocks LOW by ZD score), uniform. "
+                   "[default: ewq; uniform when --type is given]")
+@click.option("--type", "type_", help="Type of every 2-D weight for --method uniform. [default: Q8_0]")
+@click.option("--types", help=_TYPES_HELP)
+@click.option("--k", type=float, help=_K_HELP)
+@click.option("--fraction", type=float, help="ZD: fraction of blocks moved to the LOW type, the rest MID. "
+                                             "[default: 0.25]")
+@click.option("--entropy", type=click.Choice(["softmax", "histogram"]), help=_ENTROPY_HELP)
+@click.option("--direction", type=click.Choice(["low-first", "high-first"]), help=_DIRECTION_HELP)
+@click.option("--embed-type", help="Type of the token embedding (also the output head of tied models). "
+                                   "[default: Q8_0]")
+@click.option("--output-type", help="Type of the output head. [default: Q8_0]")
+@click.option("--analysis", "analysis_file", type=click.Path(dir_okay=False),
+              help="ewq/zd: reuse an analysis JSON from `ewq-gguf analyze --json` instead of reading the weights.")
+@click.option("--classifier", type=click.Path(dir_okay=False),
+              help="fastewq: a classifier from `ewq-gguf fastewq train`. [default: the one shipped]")
+@click.option("--calibration", type=click.Path(dir_okay=False),
+              help="lim/optimal: a calibration JSON from `ewq-gguf calibrate`. [default: calibrate now on the default "
+                   "text]")
+@click.option("--target-size", help="optimal: the whole output file at most this size, e.g. 100MB (K/M/G, decimal).")
+@click.option("--target-bpw", type=float, help="optimal: at most this many bits per weight of tensor data.")
+@click.option("--metric", type=click.Choice(["weighted", "plain"]),
+              help="optimal: relative error with input columns weighted by their activations, or plain. "
+                   "[default: weighted]")
+@click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False),
+              help="Importance-weighted quantization (any method) with the vectors of a calibration JSON or of a "
+                   "llama-imatrix file (GGUF or legacy .dat).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Reuse a plan: a plan JSON, or a GGUF file whose per-tensor types are copied.")
 @click.option("--plan-out", type=click.Path(dir_okay=False),
               help="Save the plan: JSON, or FILE.txt as a llama-quantize --tensor-type-file recipe.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and the size; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the exact output size; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--split-max-size", help="Split the output into llama.cpp's OUT-00001-of-0000N.gguf parts of at most "
+                                       "this much tensor data each, e.g. 2G (K/M/G/T, decimal). llama.cpp loads "
+                                       "the first part.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Also read pytorch_model*.bin checkpoints (torch.load with weights_only=True). Off by default: "
+                   "unpickling untrusted files can run code.")
 @click.option("--quiet", is_flag=True, help="No plan table and no progress bars.")
 @reports_errors
-def convert(model_dir: str, out: str, method: str, type_: str, device: str, plan_file: str | None,
-            plan_out: str | None, dry_run: bool, force: bool, quiet: bool) -> None:
+def convert(model_dir: str, out: str, method: str | None, type_: str | None, types: str | None, k: float | None,
+            fraction: float | None, entropy: str | None, direction: str | None, embed_type: str | None,
+            output_type: str | None, analysis_file: str | None, classifier: str | None, calibration: str | None,
+            target_size: str | None, target_bpw: float | None, metric: str | None, imatrix_file: str | None,
+            device: str, plan_file: str | None, plan_out: str | None, dry_run: bool, force: bool,
+            split_max_size: str | None, allow_pickle: bool, quiet: bool) -> None:
     """Convert the checkpoint in MODEL_DIR to the GGUF file OUT."""
     from .api import convert as convert_api
 
+    given = {"types": types, "k": k, "fraction": fraction, "entropy": entropy, "direction": direction,
+             "embed_type": embed_type, "output_type": output_type, "analysis": analysis_file,
+             "classifier": classifier, "calibration": calibration, "target_size": target_size,
+             "target_bpw": target_bpw, "metric": metric}
     result = convert_api(model_dir, out, method, type=type_, device=device, force=force, plan=plan_file,
-                         plan_out=plan_out, dry_run=dry_run, progress=not quiet)
+                         plan_out=plan_out, dry_run=dry_run, progress=not quiet, allow_pickle=allow_pickle,
+                         split_max_size=split_max_size, imatrix=imatrix_file,
+                         **{key: value for key, value in given.items() if value is not None})
     if not quiet or dry_run:
         click.echo(result.plan.table())
     if dry_run:
-        click.echo(f"dry run: would write {result.bytes:,} bytes of tensor data ({result.bits_per_weight:.3f} bpw)")
+        click.echo(f"dry run: would write {result.bytes:,} bytes ({result.plan.tensor_bytes:,} of tensor data, "
+                   f"{result.bits_per_weight:.3f} bits per weight)")
     else:
         click.echo(f"wrote {result.path} ({result.bytes:,} bytes, {result.bits_per_weight:.3f} bits per weight, "
                    f"{result.seconds:.1f} s)")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--entropy", type=click.Choice(["softmax", "histogram"]), default="softmax", show_default=True,
+              help="Entropy the z-score and tier columns rank by (both are computed and saved).")
+@click.option("--k", type=float, default=0.65, show_default=True, help=_K_HELP)
+@click.option("--direction", type=click.Choice(["low-first", "high-first"]), default="low-first",
+              show_default=True, help="Which end of the entropy goes to the LOW tier.")
+@click.option("--types", default="Q4_K,Q8_0,F16", show_default=True, help="Tier types LOW,MID,HIGH.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Save the analysis as JSON (for convert --analysis and fastewq train).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Save a per-block chart to this PNG (needs matplotlib).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@reports_errors
+def analyze(model_dir: str, entropy: str, k: float, direction: str, types: str, device: str, json_out: str | None,
+            plot: str | None, quiet: bool) -> None:
+    """Per-block weight entropy and ZD of the checkpoint in MODEL_DIR, with the EWQ tier each block would get."""
+    from .analyse.report import format_analysis, plot_analysis
+    from .api import analyze as analyze_api
+    from .plan.ewq import ewq_tiers, z_scores
+    from .plan.tiers import TierTypes
+
+    tier_types = TierTypes.parse(types)
+    result = analyze_api(model_dir, device=device, progress=not quiet)
+    scores = result.scores(entropy)
+    tiers = ewq_tiers(scores, k, direction)
+    click.echo(format_analysis(result, entropy, z_scores(scores), tiers, [tier_types.of(t).name for t in tiers]))
+    if json_out:
+        result.save(json_out)
+        click.echo(f"analysis: {json_out}")
+    if plot:
+        plot_analysis(result, plot, entropy, tiers)
+        click.echo(f"plot: {plot}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--text", type=click.Path(dir_okay=False),
+              help="Calibration text, UTF-8 (.gz ok). Default: real English text found on this machine.")
+@click.option("--tokens", default=32768, show_default=True, help="Tokens the activations (imatrix, LIM) are "
+                                                                 "collected over.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--sensitivity-tokens", default=128, show_default=True,
+              help="Tokens each weight's noise-injection sensitivity is measured on (sequences of 128).")
+@click.option("--noise-levels", default="0.05,0.1", show_default=True,
+              help="Relative noise sizes t (||noise|| / ||W||) the sensitivity slope is fitted over.")
+@click.option("--no-errors", is_flag=True, help="Skip the quantization error tables (the optimal planner then "
+                                                "measures them at every conversion).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", type=int, help="CPU threads for torch. [default: torch's choice]")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Calibration JSON; its importance matrix is written beside it as STEM.imatrix.gguf "
+                   "(llama-imatrix's format).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_errors
+def calibrate(model_dir: str, text: str | None, tokens: int, ctx: int, sensitivity_tokens: int, noise_levels: str,
+              no_errors: bool, device: str, threads: int | None, out: str, force: bool, quiet: bool) -> None:
+    """Run the checkpoint in MODEL_DIR on real text: LIM scores, importance vectors, noise-injection sensitivities
+    and quantization errors, for --method lim / optimal and --imatrix."""
+    from .api import calibrate as calibrate_api
+    from .errors import InputError
+
+    try:
+        levels = [float(level) for level in noise_levels.split(",")]
+    except ValueError:
+        raise InputError(f"--noise-levels: not a comma-separated list of numbers: {noise_levels!r}") from None
+    options = {"error_types": ()} if no_errors else {}
+    result = calibrate_api(model_dir, out, force=force, text=text, tokens=tokens, ctx=ctx, device=device,
+                           sensitivity_tokens=sensitivity_tokens, noise_levels=levels, threads=threads,
+                           progress=not quiet, **options)
+    click.echo(format_calibration(result))
+    click.echo(f"calibration: {out}")
+
+
+def format_calibration(calibration) -> str:
+    """LIM per block, the most and least sensitive weights, and where the time went."""
+    lines = [f"{calibration.model}: {calibration.tokens} tokens of {calibration.text} ({calibration.device}); "
+             f"sensitivities on {calibration.sensitivity_tokens} tokens"]
+    lines.append("block  LIM")
+    lines += [f"{index:5d}  {score:.4f}" for index, score in enumerate(calibration.lim)]
+    ranked = sorted(calibration.sensitivity.items(), key=lambda item: -item[1].alpha)
+    shown = ranked if len(ranked) <= 10 else ranked[:5] + ranked[-5:]
+    lines.append("weight                              alpha (KL nats per unit t^2)")
+    lines += [f"{name:34}  {measured.alpha:.4g}" for name, measured in shown]
+    lines.append("seconds: " + ", ".join(f"{phase} {value:.1f}" for phase, value in calibration.seconds.items()))
+    return "\n".join(lines)
+
+
+@main.group()
+def fastewq() -> None:
+    """FastEWQ: predict EWQ's block tiers from metadata only."""
+
+
+@fastewq.command("train")
+@click.argument("analyses", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to save the classifier JSON.")
+@click.option("--entropy", type=click.Choice(["softmax", "histogram"]), default="softmax", show_default=True,
+              help="Entropy of the EWQ tiers it learns.")
+@click.option("--k", type=float, default=0.65, show_default=True, help="k of the EWQ tiers it learns.")
+@click.option("--direction", type=click.Choice(["low-first", "high-first"]), default="low-first",
+              show_default=True, help="Direction of the EWQ tiers it learns.")
+@reports_errors
+def fastewq_train(analyses: tuple[str, ...], out: str, entropy: str, k: float, direction: str) -> None:
+    """Train a FastEWQ classifier on ANALYSES (JSON files from `ewq-gguf analyze --json`)."""
+    from .analyse import Analysis
+    from .plan.fastewq import format_evaluation, train
+
+    classifier = train([Analysis.load(path) for path in analyses], entropy=entropy, k=k, direction=direction)
+    classifier.save(out)
+    click.echo(format_evaluation(classifier))
+    click.echo(f"classifier: {out}")
 
 
 @main.command()

@@ -1,22 +1,26 @@
-"""WRITE: stream tensors through a Plan into a GGUF file, safely.
+"""WRITE: stream tensors through a Plan into a GGUF file (or llama.cpp's split layout), safely.
 
-The file is written under a unique temporary name beside OUT, re-read with gguf-py's GGUFReader and checked against
-the plan, then renamed onto OUT in one step: OUT either does not exist or is complete. Loading and quantizing the
-next tensor run on a background thread while the current one is written.
+Every file is written under a unique temporary name beside its final one, re-read with gguf-py's GGUFReader and
+checked against the plan, then put in place in one step: a final file either does not exist or is complete, and two
+conversions writing the same OUT at once never mix their bytes. Ctrl-C, SIGTERM and write errors (a full disk) remove
+the temporaries. Loading and quantizing the next tensor run on a background thread while the current one is
+written; memory holds a few tensors at a time, whatever the size of the checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import threading
 import uuid
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import gguf
 import numpy as np
@@ -27,7 +31,7 @@ from . import __version__
 from .errors import InputError, OutputError
 from .plan import Plan
 from .progress import progress_bar
-from .quant import quantize
+from .quant import quantize, row_nbytes
 from .source.model import SourceModel
 
 # Rows quantized per step: bounds the float32 working copy (~64 MiB) whatever the tensor size.
@@ -47,8 +51,29 @@ FILE_TYPES = {
 
 @dataclass(frozen=True)
 class WrittenFile:
+    """A finished output: `path` is the file to load (the first part of a split), `bytes` the size of all parts."""
+
     path: Path
     bytes: int
+    parts: tuple[Path, ...] = ()
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or text like '2G', '500M', '1.5G' (decimal units, as llama.cpp's gguf-split reads them)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match:
+            raise InputError(f"size '{size}' is not a number of bytes with an optional K, M, G or T suffix")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise InputError(f"size '{size}' must be positive")
+    return value
 
 
 def file_type_of(plan: Plan) -> gguf.LlamaFileType:
@@ -84,65 +109,140 @@ def check_output(out: Path, force: bool) -> None:
         raise OutputError(f"output folder {parent} is not writable")
 
 
+class _PartsWriter(gguf.GGUFWriter):
+    """gguf-py's writer, splitting as llama.cpp's gguf-split does (OUT-00001-of-0000N.gguf, split.* keys in every
+    part), with each part written under a unique temporary name beside its final one."""
+
+    def __init__(self, out: Path, arch: str, split_max_size: int):
+        super().__init__(out, arch, split_max_size=split_max_size)
+        self.token = uuid.uuid4().hex[:12]
+
+    def final_paths(self) -> list[Path]:
+        return super().format_shard_names(self.path)
+
+    def format_shard_names(self, path: Path) -> list[Path]:
+        return [final.with_name(f".{final.name}.{self.token}.partial") for final in self.final_paths()]
+
+    def remaining_bytes(self) -> int:
+        """Bytes still to be written after the headers, with the alignment padding before and between tensors."""
+        remaining = 0
+        for fout, tensors in zip(self.fout or [], self.tensors):
+            written = fout.tell()
+            remaining += self.ggml_pad(written, self.data_alignment) - written
+            remaining += sum(self.ggml_pad(info.nbytes, self.data_alignment) for info in tensors.values())
+        return remaining
+
+
 def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool = False,
                device: torch.device = torch.device("cpu"), importance: Optional[dict[str, torch.Tensor]] = None,
-               progress: bool = True) -> WrittenFile:
-    """Write `model` as `plan` says to `out`; returns the path and size of the finished file."""
+               progress: bool = True, split_max_size: Optional[int | str] = None) -> WrittenFile:
+    """Write `model` as `plan` says to `out`; returns where the finished file (or files) lie and their size.
+
+    split_max_size: tensor bytes per file (int, or text like '2G'); above it the output is split into llama.cpp's
+    OUT-00001-of-0000N.gguf parts, which llama.cpp loads from the first. A model that fits stays one file, OUT.
+    """
     out = Path(out)
     check_output(out, force)
-    temp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.partial")
-    writer = gguf.GGUFWriter(temp, model.adapter.arch_name)
+    writer = _PartsWriter(out, model.adapter.arch_name, parse_size(split_max_size) if split_max_size else 0)
     model.add_metadata(writer)
     add_plan_metadata(writer, plan)
     for entry in plan.entries:
         writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=QType[entry.type])
-    try:
-        free = shutil.disk_usage(out.parent).free
-        if free < plan.tensor_bytes:
-            raise OutputError(f"not enough free space in {out.parent}: {plan.tensor_bytes / 1e9:.2f} GB needed, "
-                              f"{free / 1e9:.2f} GB free")
-        with _signals_as_errors():
-            _stream(writer, model, plan, temp, device, importance or {}, progress)
-            verify(temp, plan)
-            os.replace(temp, out)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    finally:
-        writer.close()
-        temp.unlink(missing_ok=True)
-    return WrittenFile(out, out.stat().st_size)
+    if len(writer.tensors) == 1:
+        writer.split_max_size = 0   # fits in one file; gguf-py would log a warning about not splitting
+    finals, temps = writer.final_paths(), writer.format_shard_names(out)
+    for final in finals:
+        check_output(final, force)
+    with _SignalGuard().active() as signals:
+        try:
+            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals)
+            verify(temps, plan)
+            signals.check()
+            signals.hold()
+            _put_in_place(temps, finals, force)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        finally:
+            signals.hold()      # a second Ctrl-C must not stop the clean-up half way
+            writer.close()
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+    return WrittenFile(finals[0], sum(final.stat().st_size for final in finals), tuple(finals))
 
 
-def _stream(writer: gguf.GGUFWriter, model: SourceModel, plan: Plan, temp: Path, device: torch.device,
-            importance: dict[str, torch.Tensor], progress: bool) -> None:
-    writer.write_header_to_file(temp)
+def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, device: torch.device,
+            importance: dict[str, torch.Tensor], progress: bool, signals: _SignalGuard) -> None:
+    writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    needed, free = writer.remaining_bytes(), shutil.disk_usage(folder).free
+    if free < needed:
+        whole = needed + sum(fout.tell() for fout in writer.fout or [])
+        raise OutputError(f"not enough free space in {folder}: the output takes {whole / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB free")
     bar = progress_bar(total=plan.tensor_bytes, desc="writing", unit="B", unit_scale=True, enabled=progress)
-    with bar:
-        for encoded in _encoded_tensors(model, plan, device, importance):
+    # closing: on any exit the generator's background thread is stopped before the temporaries are removed
+    with bar, closing(_encoded_tensors(model, plan, device, importance)) as encoded_tensors:
+        for encoded in encoded_tensors:
+            signals.check()
             writer.write_tensor_data(encoded)
             bar.update(encoded.nbytes)
+    for fout in writer.fout or []:
+        fout.flush()
+        os.fsync(fout.fileno())     # a full disk or an I/O error shows here, before the file is put in place
     writer.close()
+
+
+def _put_in_place(temps: Sequence[Path], finals: Sequence[Path], force: bool) -> None:
+    """Rename each verified temporary onto its final name, each in one step.
+
+    Without --force a final name that appeared while writing (another conversion to the same OUT) is not replaced:
+    a hard link creates a name only if it is free; where the file system has no hard links, a check and a rename.
+    """
+    if force:
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
+        return
+    placed: list[Path] = []
+    try:
+        for temp, final in zip(temps, finals):
+            try:
+                os.link(temp, final)
+                temp.unlink()
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                    raise
+                if final.exists():
+                    raise FileExistsError(errno.EEXIST, "exists", str(final)) from exc
+                os.replace(temp, final)
+            placed.append(final)
+    except FileExistsError as exc:
+        for final in placed:
+            final.unlink(missing_ok=True)
+        raise OutputError(f"{exc.filename} appeared while this conversion was writing (another conversion to the "
+                          "same output?); it was left as it is (use --force to overwrite)") from None
 
 
 def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.device,
                   importance: Optional[torch.Tensor] = None) -> np.ndarray:
-    """A tensor's bytes in qtype, quantized on `device` a bounded chunk of rows at a time."""
+    """A tensor's bytes in qtype, quantized on `device` a bounded chunk of rows at a time into one output buffer."""
     rows = tensor.reshape(-1, tensor.shape[-1])
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-    parts = []
+    encoded = np.empty((rows.shape[0], row_nbytes(qtype, rows.shape[1])), dtype=np.uint8)
     for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step].to(device=device, dtype=torch.float32, non_blocking=True)
+        chunk = rows[start:start + step].to(device=device, non_blocking=True)
         if not bool(torch.isfinite(chunk).all()):
             raise InputError(f"tensor '{name}' contains NaN or Inf values; refusing to write it")
-        parts.append(quantize(chunk, qtype, importance).cpu().numpy())
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        encoded[start:start + step] = quantize(chunk, qtype, importance).cpu().numpy()
+    return encoded
 
 
 def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
                      importance: dict[str, torch.Tensor]) -> Iterator[np.ndarray]:
-    """Encoded tensors in plan order, produced one ahead on a background thread."""
+    """Encoded tensors in plan order, produced one ahead on a background thread.
+
+    At most three encoded tensors exist at once (being written, queued, just made) and one source tensor.
+    """
     results: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -151,11 +251,12 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
             for entry in plan.entries:
                 if stop.is_set():
                     return
-                spec = model.by_name[entry.name]
-                tensor = model.load(spec)
+                tensor = model.load(model.by_name[entry.name])
                 if list(tensor.shape) != entry.shape:
                     raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says {entry.shape}")
-                results.put(encode_tensor(tensor, QType[entry.type], entry.name, device, importance.get(entry.name)))
+                encoded = encode_tensor(tensor, QType[entry.type], entry.name, device, importance.get(entry.name))
+                del tensor      # the source is not kept while waiting for the queue
+                results.put(encoded)
             results.put(None)
         except BaseException as exc:  # handed to the writing thread, which raises it
             results.put(exc)
@@ -164,7 +265,11 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
     worker.start()
     try:
         while True:
-            item = results.get()
+            try:
+                # a timeout, so that a signal taken by another thread still reaches this one's handler promptly
+                item = results.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if item is None:
                 return
             if isinstance(item, BaseException):
@@ -179,13 +284,28 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
                 pass
 
 
-def verify(path: Path, plan: Plan) -> None:
-    """Re-read the written file and check every tensor's name, type and size against the plan."""
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError and others for malformed files
-        raise OutputError(f"the written file does not read back as GGUF ({exc})") from exc
-    found = {tensor.name: tensor for tensor in reader.tensors}
+def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
+    """Re-read the written file (or every part of a split) and check each tensor's name, type and size against the
+    plan, and a split's split.* keys against its parts."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    found: dict[str, gguf.ReaderTensor] = {}
+    for number, path in enumerate(paths):
+        try:
+            reader = gguf.GGUFReader(path)
+        except Interrupted:
+            raise
+        except Exception as exc:  # gguf-py raises ValueError and others for malformed files
+            raise OutputError(f"the written file does not read back as GGUF ({exc})") from exc
+        if len(paths) > 1:
+            split = {key: reader.fields[key].contents() if key in reader.fields else None
+                     for key in (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+                                 gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)}
+            if list(split.values()) != [number, len(paths), len(plan.entries)]:
+                raise OutputError(f"part {number + 1} of the split output has wrong split keys {split}")
+        for tensor in reader.tensors:
+            if tensor.name in found:
+                raise OutputError(f"the written files hold tensor '{tensor.name}' twice")
+            found[tensor.name] = tensor
     for entry in plan.entries:
         tensor = found.get(entry.name)
         if tensor is None or tensor.tensor_type.name != entry.type or int(tensor.n_bytes) != entry.nbytes:
@@ -195,22 +315,55 @@ def verify(path: Path, plan: Plan) -> None:
 
 
 class Interrupted(OutputError):
-    """SIGTERM or Ctrl-C arrived while writing."""
+    """SIGTERM or Ctrl-C arrived while writing; exits as a process killed by that signal would report it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; nothing was written")
+        self.exit_code = 128 + signum
 
 
-@contextmanager
-def _signals_as_errors() -> Iterator[None]:
-    """Turn SIGTERM (and SIGINT) into an exception so the temporary file is removed on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; nothing was written")
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+class _SignalGuard:
+    """While active, SIGTERM and SIGINT raise Interrupted, so that the temporary files are removed on the way out.
+
+    The exception is raised wherever the main thread is, and code that catches every Exception there (tqdm does,
+    starting its monitor thread) would swallow it, so the signal is also recorded and `check()` raises it again at
+    the writer's safe points. After `hold()` (putting files in place, cleaning up: work that must finish) a signal
+    is only recorded; unless the write is already ending with Interrupted, it is raised again under the previous
+    handlers when the guard ends.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None     # the first signal, raised as Interrupted
+        self.held: Optional[int] = None         # a signal that came while holding
+        self.holding = False
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def _interrupt(self, signum: int, frame: object) -> None:
+        if self.holding:
+            self.held = self.held or signum
+            return
+        self.received = self.received or signum
+        raise Interrupted(signum)
+
+    @contextmanager
+    def active(self) -> Iterator["_SignalGuard"]:
+        if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._interrupt) for sig in INTERRUPTING_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.held is not None and self.received is None:
+                signal.raise_signal(self.held)

@@ -26,6 +26,7 @@ class PlanEntry:
     nbytes: int
     block: Optional[int] = None
     reason: str = ""
+    predicted_kld: Optional[float] = None     # optimal plans: alpha x t2, the predicted KL increase (nats/token)
 
     @property
     def numel(self) -> int:
@@ -37,6 +38,14 @@ class PlanEntry:
     @property
     def fell_back(self) -> bool:
         return self.requested != self.type
+
+
+def _entry_dict(entry: PlanEntry) -> dict[str, Any]:
+    """An entry as JSON; optional fields a method did not set are left out, so other plans stay as they were."""
+    data = asdict(entry)
+    if data["predicted_kld"] is None:
+        del data["predicted_kld"]
+    return data
 
 
 @dataclass
@@ -76,7 +85,7 @@ class Plan:
     # --- serialisation -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "method": self.method, "params": self.params, "blocks": self.blocks,
-                "entries": [asdict(entry) for entry in self.entries]}
+                "entries": [_entry_dict(entry) for entry in self.entries]}
 
     def to_json(self, indent: Optional[int] = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -118,8 +127,21 @@ class Plan:
             rows.append((entry.name, "x".join(map(str, entry.shape)), shown, f"{entry.nbytes:,}", entry.reason))
         widths = [max(len(row[col]) for row in rows) for col in range(4)]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+        if self.blocks:
+            lines.append(self.blocks_table())
         lines.append(self.summary())
         return "\n".join(lines)
+
+    def blocks_table(self) -> str:
+        """Per-block decisions of a tiered method (EWQ, FastEWQ, ZD): block, score, tier, type, why."""
+        rows = [("block", "score", "tier", "type", "why")]
+        for block in self.blocks:
+            score = block.get("score")
+            rows.append((str(block.get("block", "")), "" if score is None else f"{score:.10g}",
+                         str(block.get("tier", "")), str(block.get("type", "")), str(block.get("why", ""))))
+        widths = [max(len(row[col]) for row in rows) for col in range(4)]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4]
+                         for row in rows)
 
     def summary(self) -> str:
         histogram = ", ".join(f"{name} x{count}" for name, count in self.type_histogram().items())

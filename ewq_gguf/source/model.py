@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import gguf
 import torch
@@ -21,6 +22,22 @@ from .checkpoint import Checkpoint
 from .safetensors_header import FLOAT_DTYPES
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+# llama.cpp's LLAMA_MAX_LAYERS; also keeps a lying layer count from building a name table of millions of entries
+MAX_BLOCKS = 512
+MAX_DIMS = 4            # GGUF tensors have at most 4 dimensions
+TOKEN_EMBEDDING = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+
+# config.json keys the adapters read as counts (positive integers) or as positive numbers; checked up front so that
+# a wrong value is reported by name instead of failing somewhere inside an adapter. GGUF stores counts as uint32 and
+# these numbers as float32, hence the upper bounds.
+REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+MAX_COUNT = 2**31 - 1
+MAX_NUMBER = 3.4e38
+COUNT_KEYS = ("num_hidden_layers", "n_layer", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "max_position_embeddings", "n_ctx", "head_dim", "sliding_window",
+              "original_max_position_embeddings", "sliding_window_pattern")
+NUMBER_KEYS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+               "attn_logit_softcapping", "final_logit_softcapping", "partial_rotary_factor")
 
 
 @dataclass(frozen=True)
@@ -68,46 +85,132 @@ class SourceModel:
 
     def load(self, spec: TensorSpec) -> torch.Tensor:
         """The tensor's values as llama.cpp expects them, in the stored dtype (not yet upcast)."""
-        if spec.source == "computed":
-            return self._extra[spec.name]()
-        return self.adapter.transform(spec.name, self._load_source(spec.source))
+        with config_errors():
+            if spec.source == "computed":
+                return self._extra[spec.name]()
+            return self.adapter.transform(spec.name, self._load_source(spec.source))
 
     def add_metadata(self, writer: gguf.GGUFWriter) -> None:
         writer.add_name(self.name)
-        self.adapter.add_metadata(writer)
+        with config_errors():
+            self.adapter.add_metadata(writer)
         self._add_tokenizer(writer)
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Adapters read config.json freely; a missing key or a value of the wrong type or range in it becomes an
+    InputError naming the key, instead of a traceback from deep inside an adapter."""
+    try:
+        yield
+    except InputError:
+        raise
+    except KeyError as exc:
+        raise InputError(f"config.json lacks '{exc.args[0]}'") from exc
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError, IndexError) as exc:
+        raise InputError(f"config.json has a value of the wrong type or range ({exc})") from exc
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """The hyper-parameters every adapter needs are there, and those adapters read have the right kind of value."""
+    for key in REQUIRED_KEYS:
+        if config.get(key) is None:
+            raise InputError(f"config.json lacks '{key}'")
+    for key in COUNT_KEYS:
+        value = config.get(key)
+        if value is not None and not (type(value) is int and 0 < value <= MAX_COUNT):
+            raise InputError(f"config.json: '{key}' must be a positive integer, not {value!r}")
+    for key in NUMBER_KEYS:
+        value = config.get(key)
+        if value is not None and not (type(value) in (int, float) and 0 < value < MAX_NUMBER):
+            raise InputError(f"config.json: '{key}' must be a positive number, not {value!r}")
+    for key in ("rope_parameters", "rope_scaling", "text_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise InputError(f"config.json: '{key}' must be an object, not {config[key]!r}")
+    names = config.get("architectures")
+    if names is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise InputError(f"config.json: 'architectures' must be a list of names, not {names!r}")
+    for key in ("num_hidden_layers", "n_layer"):
+        if (config.get(key) or 0) > MAX_BLOCKS:
+            raise InputError(f"config.json: '{key}' is {config[key]}; llama.cpp loads at most {MAX_BLOCKS} blocks")
 
 
 def specs_from_records(adapter: Adapter, records: list[tuple[str, str, tuple[int, ...]]]) -> tuple[
         list[TensorSpec], dict[str, Callable[[], torch.Tensor]]]:
     """Specs for (hf name, dtype, shape) records, in llama.cpp's usual order: non-block tensors first, then blocks."""
     specs = []
-    for hf_name, dtype, shape in records:
-        name = adapter.gguf_name(hf_name)
-        if name is None:
-            continue
-        if dtype not in FLOAT_DTYPES:
-            raise InputError(f"tensor '{hf_name}' is stored as {dtype}; only float checkpoints can be converted")
-        specs.append(TensorSpec(name, tuple(shape), hf_name, dtype))
-    extra = {}
-    for tensor in adapter.extra_tensors():
-        specs.append(TensorSpec(tensor.name, tensor.shape, "computed", "F32"))
-        extra[tensor.name] = tensor.make
+    with config_errors():
+        for hf_name, dtype, shape in records:
+            name = adapter.gguf_name(hf_name)
+            if name is None:
+                continue
+            if dtype not in FLOAT_DTYPES:
+                raise InputError(f"tensor '{hf_name}' is stored as {dtype}; only float checkpoints can be converted")
+            if not 1 <= len(shape) <= MAX_DIMS or 0 in shape:
+                raise InputError(f"tensor '{hf_name}' has shape {list(shape)}; a GGUF tensor has 1 to {MAX_DIMS} "
+                                 "non-empty dimensions")
+            _check_transform(adapter, name, hf_name, tuple(shape))
+            specs.append(TensorSpec(name, tuple(shape), hf_name, dtype))
+        extra = {}
+        for tensor in adapter.extra_tensors():
+            specs.append(TensorSpec(tensor.name, tuple(tensor.shape), "computed", "F32"))
+            extra[tensor.name] = tensor.make
     seen = set()
     for spec in specs:
         if spec.name in seen:
             raise InputError(f"two checkpoint tensors map to GGUF tensor '{spec.name}'")
         seen.add(spec.name)
+    _check_embedding(adapter, specs)
+    blocks = sorted({spec.block for spec in specs if spec.block is not None})
+    if blocks != list(range(adapter.n_blocks)):
+        raise InputError(f"config.json says {adapter.n_blocks} blocks (num_hidden_layers), the checkpoint has "
+                         f"tensors for {len(blocks)} ({_ranges(blocks)})")
     specs.sort(key=lambda spec: (spec.block is not None, spec.block or 0))
     return specs, extra
 
 
-def open_checkpoint(model_dir: str | Path) -> SourceModel:
-    """Open a Hugging Face checkpoint folder: reads config.json and safetensors headers only."""
+def _check_embedding(adapter: Adapter, specs: list[TensorSpec]) -> None:
+    """The token embedding is vocab_size x hidden_size, as the model class built from config.json makes it; a config
+    that says otherwise describes another model (and a lying vocab_size would pad the vocabulary without end)."""
+    embedding = next((spec for spec in specs if spec.name == TOKEN_EMBEDDING), None)
+    if embedding is None:
+        raise InputError(f"the checkpoint has no token embedding ({TOKEN_EMBEDDING})")
+    rows, width = embedding.shape[0], embedding.shape[-1]
+    for key, expected in (("vocab_size", rows), ("hidden_size", width)):
+        value = adapter.config.get(key)
+        if value is not None and value != expected:
+            raise InputError(f"config.json: '{key}' is {value}, but the token embedding ({embedding.source}) has shape "
+                             f"{list(embedding.shape)}")
+
+
+def _check_transform(adapter: Adapter, name: str, hf_name: str, shape: tuple[int, ...]) -> None:
+    """Run the adapter's value transform on a data-less tensor: a shape that does not fit config.json (head counts
+    that do not divide the rows, say) is refused now, not after minutes of work."""
+    try:
+        transformed = adapter.transform(name, torch.empty(shape, device="meta"))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise InputError(f"tensor '{hf_name}' of shape {list(shape)} does not fit config.json ({exc})") from exc
+    if tuple(transformed.shape) != shape:
+        raise InputError(f"tensor '{hf_name}' of shape {list(shape)} does not fit config.json")
+
+
+def _ranges(blocks: list[int]) -> str:
+    if not blocks:
+        return "none"
+    return f"{blocks[0]}..{blocks[-1]}" if blocks == list(range(blocks[0], blocks[-1] + 1)) else str(blocks)
+
+
+def open_checkpoint(model_dir: str | Path, *, allow_pickle: bool = False) -> SourceModel:
+    """Open a Hugging Face checkpoint folder: reads config.json and safetensors headers only.
+
+    allow_pickle: also read pytorch_model*.bin checkpoints (weights-only unpickling) when no safetensors exist.
+    """
     from ..tokenizer import add_tokenizer
 
-    checkpoint = Checkpoint(model_dir)
-    adapter = adapter_for(checkpoint.config)
+    checkpoint = Checkpoint(model_dir, allow_pickle=allow_pickle)
+    check_config(checkpoint.config)
+    with config_errors():
+        adapter = adapter_for(checkpoint.config)
     records = [(record.name, record.dtype, record.shape) for record in checkpoint]
     specs, extra = specs_from_records(adapter, records)
     model_dir = Path(model_dir)

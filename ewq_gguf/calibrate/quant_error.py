@@ -1,0 +1,62 @@
+"""Relative quantization error t^2 of each weight in each candidate type, measured with our own quantizers.
+
+t2 = ||W_hat - W||^2 / ||W||^2 and t2_weighted = the same with every input column weighted by its mean squared
+activation (what reaches the layer's output: for an input x, ||(W_hat - W) x||^2 averages to
+sum_j E[x_j^2] ||(W_hat - W)_:j||^2 when columns are uncorrelated), computed on the values llama.cpp will see
+(the adapter's transform applied). Quantization is importance-weighted when importance vectors are given, as the
+written file will be.
+
+Row sample: the error of a type is a property of the distribution of values within blocks of a row, so it is
+measured on at most `sample` elements per weight: whole rows, evenly spaced over the tensor (all rows when the
+tensor is smaller). 0 measures every row.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from ..progress import progress_bar
+from ..quant import can_hold, dequantize, quantize
+from ..source.model import SourceModel, TensorSpec
+
+DEFAULT_SAMPLE = 1 << 15
+
+
+def sample_rows(tensor: torch.Tensor, sample: int) -> torch.Tensor:
+    """Evenly spaced whole rows holding about `sample` elements (every row when sample is 0 or covers them)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    wanted = -(-sample // rows.shape[1]) if sample > 0 else rows.shape[0]
+    if wanted >= rows.shape[0]:
+        return rows
+    index = torch.linspace(0, rows.shape[0] - 1, wanted).round().long()
+    return rows[index]
+
+
+def relative_errors(rows: torch.Tensor, qtype: QType, quant_importance: Optional[torch.Tensor],
+                    column_weights: Optional[torch.Tensor]) -> tuple[float, float]:
+    """(t2, t2_weighted) of rows stored in qtype."""
+    rows = rows.to(torch.float32)
+    restored = dequantize(quantize(rows, qtype, quant_importance), qtype, rows.shape[1])
+    delta_columns = (restored - rows).double().pow(2).sum(0)
+    weight_columns = rows.double().pow(2).sum(0)
+    plain = float(delta_columns.sum() / weight_columns.sum())
+    if column_weights is None:
+        return plain, plain
+    column_weights = column_weights.to(device=rows.device, dtype=torch.float64)
+    return plain, float((column_weights * delta_columns).sum() / (column_weights * weight_columns).sum())
+
+
+def error_table(model: SourceModel, specs: Sequence[TensorSpec], types: Sequence[QType],
+                quant_importance: Callable[[str], Optional[torch.Tensor]],
+                column_weights: Callable[[str], Optional[torch.Tensor]], *, sample: int = DEFAULT_SAMPLE,
+                device: torch.device = torch.device("cpu"), progress: bool = True) -> dict[str, dict[str, list[float]]]:
+    """weight name -> type name -> [t2, t2_weighted], for every type in `types` whose block size fits the row."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for spec in progress_bar(specs, desc="quantization errors", unit="weight", enabled=progress):
+        rows = sample_rows(model.load(spec), sample).to(device=device, dtype=torch.float32)
+        importance, weights = quant_importance(spec.name), column_weights(spec.name)
+        table[spec.name] = {qtype.name: list(relative_errors(rows, qtype, importance, weights))
+                            for qtype in types if can_hold(qtype, spec.shape[-1])}
+    return table

@@ -1,0 +1,194 @@
+"""Running the checkpoint with transformers: calibration tokens, activation statistics, and suffix forwards.
+
+`ModelRunner` owns a transformers model (float32, on the GPU when there is one) and knows which of its parameters is
+which GGUF weight. Two facts make the sensitivity measurements cheap: a weight of block b only changes what happens
+from block b on, so the inputs of every block are cached once and a measurement runs the blocks b.. only
+(`suffix_logits`); and the base model's log-probabilities are computed once.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..source.model import SourceModel, TOKEN_EMBEDDING
+
+OUTPUT_HEAD = "output.weight"
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A GGUF weight and the transformers parameter that holds it."""
+
+    name: str
+    parameter: torch.nn.Parameter
+    block: Optional[int]
+    start: int                      # first block a change of this weight affects (n_blocks: only the head)
+
+
+def calibration_tokens(tokenizer, text: str, n_tokens: int, ctx: int) -> torch.Tensor:
+    """(chunks, ctx) token ids from the start of `text`: each chunk starts with BOS when the tokenizer adds one
+    (as llama-perplexity and llama-imatrix lay out their chunks). Fewer chunks than asked when the text is short."""
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    body = ctx - 1 if adds_bos else ctx
+    n_chunks = max(1, -(-n_tokens // ctx))
+    # tokenise only as much text as needed: ~4 characters per token, with margin, growing if that was too little
+    take = max(4096, 8 * n_chunks * body)
+    while True:
+        ids = tokenizer(text[:take], add_special_tokens=False).input_ids
+        if len(ids) >= n_chunks * body or take >= len(text):
+            break
+        take *= 2
+    n_chunks = min(n_chunks, len(ids) // body)
+    if n_chunks < 1:
+        raise InputError(f"the text has {len(ids)} tokens, fewer than one chunk of {ctx}")
+    chunks = torch.tensor(ids[:n_chunks * body], dtype=torch.long).reshape(n_chunks, body)
+    if adds_bos:
+        chunks = torch.cat([torch.full((n_chunks, 1), bos, dtype=torch.long), chunks], dim=1)
+    return chunks
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, source: SourceModel, device: torch.device):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # float32 everywhere: the noise measurements compare KL increases far below bf16 rounding
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **_placement(model_dir, device))
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.decoder = self.model.get_decoder()
+        self.layers = self.decoder.layers
+        self.n_blocks = len(self.layers)
+        self.input_device = self.model.get_input_embeddings().weight.device
+        self.weights = self._map_weights(source)
+
+    def _map_weights(self, source: SourceModel) -> list[Weight]:
+        """Every 2-D parameter that is a weight of the GGUF file, in file order. A tied output head is the token
+        embedding's parameter (transformers lists a shared parameter once, under its first name)."""
+        found: dict[str, torch.nn.Parameter] = {}
+        for hf_name, parameter in self.model.named_parameters():
+            if parameter.dim() < 2:
+                continue
+            name = source.adapter.gguf_name(hf_name)
+            spec = source.by_name.get(name) if name else None
+            if spec is not None and spec.is_matrix and spec.numel == parameter.numel():
+                found[name] = parameter
+        weights = []
+        for spec in source.specs:
+            if spec.name not in found:
+                continue
+            if spec.block is not None:
+                start = spec.block
+            elif spec.name == OUTPUT_HEAD:
+                start = self.n_blocks
+            else:
+                start = 0
+            weights.append(Weight(spec.name, found[spec.name], spec.block, start))
+        return weights
+
+    def head_weight_name(self) -> Optional[str]:
+        """The GGUF weight the output head multiplies by: output.weight, or the token embedding when tied."""
+        head = self.model.get_output_embeddings().weight
+        return next((weight.name for weight in self.weights if weight.parameter is head), None)
+
+    # --- activation statistics ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, chunks: torch.Tensor, on_linear_input, on_block, on_head_input, progress_bar) -> None:
+        """Run the decoder (not the head) over each chunk; report each linear weight's input (by GGUF name), each
+        block's input and output, and the head's input (the final normed hidden state) to the callbacks."""
+        names = {id(weight.parameter): weight.name for weight in self.weights}
+        head = self.model.get_output_embeddings()
+        handles = []
+        for module in self.decoder.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head and id(module.weight) in names:
+                handles.append(module.register_forward_pre_hook(
+                    lambda module, args, kwargs, name=names[id(module.weight)]: on_linear_input(
+                        name, _hidden(args, kwargs)), with_kwargs=True))
+        for index, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_hook(
+                lambda module, args, kwargs, output, index=index: on_block(index, _hidden(args, kwargs),
+                                                                           _first(output)),
+                with_kwargs=True))
+        try:
+            for chunk in progress_bar(chunks):
+                output = self.decoder(input_ids=chunk.unsqueeze(0).to(self.input_device), use_cache=False)
+                on_head_input(output.last_hidden_state)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # --- suffix forwards ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def block_inputs(self, ids: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Each block's output as its layer returned it (the next block's input), and the base log-probabilities."""
+        outputs: list = [None] * self.n_blocks
+        handles = [layer.register_forward_hook(lambda module, args, output, index=index: outputs.__setitem__(
+            index, output)) for index, layer in enumerate(self.layers)]
+        try:
+            logits = self.model(input_ids=ids.to(self.input_device), use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs, F.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def suffix_logits(self, ids: torch.Tensor, start: int, block_outputs: list) -> torch.Tensor:
+        """Logits of the model with blocks 0..start-1 replaced by their cached outputs: only blocks start.. and the
+        head run (start = n_blocks runs the head alone)."""
+        with self._skipping(start, block_outputs):
+            return self.model(input_ids=ids.to(self.input_device), use_cache=False).logits
+
+    @contextmanager
+    def _skipping(self, start: int, block_outputs: list) -> Iterator[None]:
+        """Replace the forward of layers before `start` by one that returns the cached output of layer start-1.
+        Instance attributes, so every attribute the decoder loop reads (attention types...) stays the layer's own;
+        any forward already set on the instance (accelerate's placement hooks) is put back afterwards."""
+        if start == 0:
+            yield
+            return
+        cached = block_outputs[start - 1]
+        saved = [layer.__dict__.get("forward") for layer in self.layers[:start]]
+        try:
+            for layer in self.layers[:start]:
+                layer.forward = lambda *args, **kwargs: cached
+            yield
+        finally:
+            for layer, forward in zip(self.layers[:start], saved):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
+
+
+def kl_per_token(base_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || candidate) at every position, nats (float64 sum over the vocabulary)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return (base_log_probs.exp() * (base_log_probs - log_probs)).sum(-1, dtype=torch.float64)
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _placement(model_dir: str | Path, device: torch.device) -> dict:
+    """Load straight onto the device; on CUDA spread over the GPUs (and CPU) when one GPU cannot hold it."""
+    if device.type != "cuda":
+        return {"device_map": {"": str(device)}}
+    free, _ = torch.cuda.mem_get_info(device)
+    weights = sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
+    # stored bytes x (4 / stored width): float32 in memory; assume 16-bit storage, the usual case
+    if 2 * weights < 0.8 * free:
+        return {"device_map": {"": str(device)}}
+    return {"device_map": "auto"}

@@ -1,0 +1,249 @@
+"""Optimal per-tensor types for a size budget (the linearity theorem, METHODS.md section 4).
+
+The KL increase of a mixed-precision file is predicted as sum over weights of alpha_w * t2_w(type_w): alpha from the
+calibration's noise injection, t2 the measured relative error of the weight in that type. Among every assignment of
+one candidate type per weight whose file fits the budget, the planner returns one of least predicted KL: a
+multiple-choice knapsack solved exactly by dynamic programming over the byte budget in units of `unit` bytes.
+Sizes are rounded up to whole units and the budget down, so the plan never exceeds it; the optimum is exact for
+unit = 1 and at most one unit per weight from the exact optimum otherwise (the DP uses about 200,000 units).
+
+Which error metric: "weighted" measures the error with input columns weighted by their mean squared activation
+(what reaches the layer's output; importance-weighted quantization lowers exactly this), "plain" the Frobenius
+ratio of METHODS.md. Both are fitted against the same noise measurements.
+
+File size: a GGUF file is its header (metadata, the tokenizer, the plan itself as ewq.plan, the tensor table) padded
+to the data alignment, then each tensor padded to it. The DP counts padded tensor sizes; the header depends on the
+plan, so the budget is re-solved with the measured header until the whole file fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
+
+from ..calibrate import Calibration
+from ..errors import InputError
+from ..imatrix import ImportanceMatrix
+from ..quant import CODECS, can_hold, tensor_nbytes
+from ..source.model import SourceModel
+from .entries import entry_for
+from .plan import Plan
+
+DEFAULT_RESOLUTION = 200_000
+METRICS = ("weighted", "plain")
+DEFAULT_METRIC = "weighted"
+# Every type we encode; the ones a row length cannot hold are dropped per weight.
+DEFAULT_CANDIDATES = tuple(qtype for qtype in CODECS)
+
+
+@dataclass(frozen=True)
+class Choice:
+    qtype: QType
+    nbytes: int          # bytes as stored in the file, alignment padding included
+    t2: float
+    predicted_kld: float
+
+
+def padded(nbytes: int, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> int:
+    return -(-nbytes // alignment) * alignment
+
+
+def choose(sizes: Sequence[Sequence[int]], costs: Sequence[Sequence[float]], budget: int,
+           resolution: int = DEFAULT_RESOLUTION) -> tuple[list[int], float]:
+    """One choice per item minimising the summed cost with summed size <= budget: (choice indices, total cost).
+
+    Dynamic programming over the budget above the smallest possible total, in units of
+    ceil(spare / resolution) bytes (1 byte when the spare budget is at most `resolution`). InputError when even
+    the smallest choices do not fit.
+    """
+    n_items = len(sizes)
+    sizes_arr = [np.asarray(item, dtype=np.int64) for item in sizes]
+    costs_arr = [np.asarray(item, dtype=np.float64) for item in costs]
+    floor_total = int(sum(int(item.min()) for item in sizes_arr))
+    spare = budget - floor_total
+    if spare < 0:
+        raise InputError(f"the budget of {budget:,} bytes is below the smallest possible size, {floor_total:,} bytes")
+    unit = max(1, -(-spare // resolution))
+    capacity = spare // unit
+    best = np.zeros(capacity + 1)          # least cost of the items so far within k units of extra size
+    picks = np.zeros((n_items, capacity + 1), dtype=np.int16)
+    for index in range(n_items):
+        extra = -(-(sizes_arr[index] - sizes_arr[index].min()) // unit)      # rounded up: never over budget
+        updated = np.full(capacity + 1, np.inf)
+        for choice in _undominated(extra, costs_arr[index]):
+            weight = int(extra[choice])
+            if weight > capacity:
+                continue
+            candidate = np.full(capacity + 1, np.inf)
+            candidate[weight:] = best[:capacity + 1 - weight] + costs_arr[index][choice]
+            better = candidate < updated
+            updated[better] = candidate[better]
+            picks[index][better] = choice
+        best = updated
+    chosen = [0] * n_items
+    remaining = capacity
+    for index in range(n_items - 1, -1, -1):
+        choice = int(picks[index][remaining])
+        chosen[index] = choice
+        remaining -= int(-(-(sizes_arr[index][choice] - sizes_arr[index].min()) // unit))
+    return chosen, float(best[capacity])
+
+
+def _undominated(extra: np.ndarray, costs: np.ndarray) -> list[int]:
+    """Choices not beaten by another that is no larger and no worse (ties keep the first), cheapest first."""
+    order = sorted(range(len(extra)), key=lambda choice: (extra[choice], costs[choice], choice))
+    kept, best_cost = [], np.inf
+    for choice in order:
+        if costs[choice] < best_cost:
+            kept.append(choice)
+            best_cost = costs[choice]
+    return kept
+
+
+def parse_candidates(text: Optional[str]) -> list[QType]:
+    if not text:
+        return list(DEFAULT_CANDIDATES)
+    from .tiers import type_named
+
+    return [type_named(name) for name in text.split(",") if name.strip()]
+
+
+def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict[str, dict[str, list[float]]],
+                      candidates: Sequence[QType], metric: str) -> dict[str, list[Choice]]:
+    """Per optimised weight, its candidate types (those its rows can hold and whose error was measured)."""
+    column = METRICS.index(metric)
+    choices = {}
+    for spec in model.specs:
+        if not spec.is_matrix or spec.name not in alphas:
+            continue
+        measured = errors.get(spec.name, {})
+        options = []
+        for qtype in candidates:
+            if qtype.name in measured and can_hold(qtype, spec.shape[-1]):
+                t2 = measured[qtype.name][column]
+                options.append(Choice(qtype, padded(tensor_nbytes(qtype, spec.shape)), t2, alphas[spec.name] * t2))
+        if not options:
+            raise InputError(f"none of the candidate types ({', '.join(t.name for t in candidates)}) can hold "
+                             f"'{spec.name}' (rows of {spec.shape[-1]})")
+        choices[spec.name] = options
+    return choices
+
+
+def optimal_plan(model: SourceModel, choices: dict[str, list[Choice]], file_budget: int,
+                 file_size: Callable[[Plan], int], params: dict, resolution: int = DEFAULT_RESOLUTION) -> Plan:
+    """The least-predicted-KL plan whose whole file (as `file_size` measures a plan) is at most file_budget bytes.
+
+    Weights without choices (1-D tensors, weights the calibration did not measure) keep their fixed types."""
+    names = list(choices)
+    fixed_bytes = sum(padded(entry_for(spec, QType.F32, "").nbytes) for spec in model.specs
+                      if spec.name not in choices)
+    header = 0
+    for _ in range(8):
+        budget = file_budget - padded(header) - fixed_bytes
+        if budget < 0:
+            raise InputError(f"a file of {file_budget:,} bytes cannot hold this model's fixed tensors and header")
+        picks, _ = choose([[choice.nbytes for choice in choices[name]] for name in names],
+                          [[choice.predicted_kld for choice in choices[name]] for name in names], budget, resolution)
+        plan = _plan_from_picks(model, choices, dict(zip(names, picks)), params)
+        size = file_size(plan)
+        if size <= file_budget:
+            return plan
+        header += size - file_budget
+    raise InputError(f"could not fit a plan into {file_budget:,} bytes")
+
+
+def _plan_from_picks(model: SourceModel, choices: dict[str, list[Choice]], picks: dict[str, int],
+                     params: dict) -> Plan:
+    entries = []
+    total = 0.0
+    for spec in model.specs:
+        if spec.name in choices:
+            choice = choices[spec.name][picks[spec.name]]
+            entry = entry_for(spec, choice.qtype, f"alpha x t2 = {choice.predicted_kld:.3g}")
+            entry.predicted_kld = choice.predicted_kld
+            total += choice.predicted_kld
+        else:
+            entry = entry_for(spec, QType.F32, "not measured: F32")
+        entries.append(entry)
+    return Plan("optimal", {**params, "predicted_kld": total}, entries)
+
+
+
+def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Callable[[Plan], int], *,
+                    target_size: Optional[int] = None, target_bpw: Optional[float] = None,
+                    types: Optional[str] = None, metric: str = DEFAULT_METRIC,
+                    importance: Optional[ImportanceMatrix] = None,
+                    device: Optional[torch.device] = None, progress: bool = True,
+                    resolution: int = DEFAULT_RESOLUTION) -> Plan:
+    """The optimal plan of `model` for a whole-file size (`target_size` bytes, measured by `file_size`) or for
+    `target_bpw` bits per weight of tensor data, from `calibration`.
+
+    importance: the ImportanceMatrix the file will be quantized with (None: plain quantization). Errors come from
+    the calibration's tables when it holds them for this case, else they are measured now.
+    """
+    from ..calibrate.quant_error import DEFAULT_SAMPLE, error_table
+
+    calibration.check_matches(model)
+    if (target_size is None) == (target_bpw is None):
+        raise InputError("--method optimal needs exactly one of --target-size and --target-bpw")
+    if metric not in METRICS:
+        raise InputError(f"unknown error metric '{metric}' (choose from {', '.join(METRICS)})")
+    candidates = parse_candidates(types)
+    weighted = metric == "weighted"
+    alphas = {name: calibration.alpha(name, weighted) for name in calibration.sensitivity}
+    specs = [spec for spec in model.specs if spec.is_matrix and spec.name in alphas]
+    variant = _cached_variant(calibration, importance)
+    cached = calibration.errors.get(variant, {}) if variant else {}
+    if all(all(qtype.name in cached.get(spec.name, {}) for qtype in candidates if can_hold(qtype, spec.shape[-1]))
+           for spec in specs):
+        errors = cached
+    else:
+        vectors = calibration.imatrix.vectors()
+        quant_vectors = importance.vectors() if importance is not None else {}
+        errors = error_table(model, specs, candidates, quant_vectors.get, vectors.get,
+                             sample=calibration.error_sample or DEFAULT_SAMPLE,
+                             device=device or torch.device("cpu"), progress=progress)
+    choices = candidate_choices(model, alphas, errors, candidates, metric)
+    params = {"metric": metric, "types": [qtype.name for qtype in candidates],
+              "imatrix": variant or "other", "calibration_text": calibration.text,
+              "calibration_tokens": calibration.tokens, "sensitivity_tokens": calibration.sensitivity_tokens}
+    if target_size is not None:
+        params["target_size"] = int(target_size)
+        return optimal_plan(model, choices, int(target_size), file_size, params, resolution)
+    if target_bpw <= 0:
+        raise InputError(f"--target-bpw must be positive, got {target_bpw}")
+    params["target_bpw"] = float(target_bpw)
+    n_params = sum(spec.numel for spec in model.specs)
+    return optimal_plan(model, choices, int(target_bpw * n_params / 8), lambda plan: plan.tensor_bytes, params,
+                        resolution)
+
+
+def _cached_variant(calibration: Calibration, importance: Optional[ImportanceMatrix]) -> Optional[str]:
+    """Which of the calibration's error tables describes quantization with `importance`: "plain" without one,
+    "imatrix" with the calibration's own, None for another importance matrix."""
+    if importance is None:
+        return "plain"
+    own = calibration.imatrix
+    same = own.sums.keys() == importance.sums.keys() and all(
+        np.array_equal(own.vector(name), importance.vector(name)) for name in own.sums)
+    return "imatrix" if same else None
+
+
+def predicted_kld(plan: Plan, calibration: Calibration, variant: str = "plain", metric: str = DEFAULT_METRIC) -> Optional[float]:
+    """The linearity theorem's prediction for any plan: sum of alpha x t2 over its weights, from the calibration's
+    error table `variant` ("plain" or "imatrix"); None when the table lacks one of the plan's (weight, type)."""
+    column = METRICS.index(metric)
+    table = calibration.errors.get(variant, {})
+    total = 0.0
+    for entry in plan.entries:
+        alpha = calibration.alpha(entry.name, metric == "weighted")
+        if alpha is None:
+            continue
+        measured = table.get(entry.name, {}).get(entry.type)
+        if measured is None:
+            return None
+        total += alpha * measured[column]
+    return total

@@ -1,0 +1,250 @@
+"""Benchmark ewq-gguf's perplexity and compare against llama.cpp's llama-perplexity on the same GGUF files and text.
+
+    python scripts/bench_perplexity.py BASE.gguf [CANDIDATE.gguf] [--text FILE] [--ctx 512] [--chunks 10]
+                                       [--threads N] [--repeats 1] [--no-write]
+
+Runs, each as its own process and timed from the outside (wall time, peak RSS):
+  ewq-gguf perplexity BASE                   vs  llama-perplexity -m BASE
+  ewq-gguf compare BASE CANDIDATE (cold)     vs  llama-perplexity --kl-divergence-base on BASE, then
+                                                 --kl-divergence on CANDIDATE
+  ewq-gguf compare BASE CANDIDATE (cached)   vs  llama-perplexity --kl-divergence (CANDIDATE) alone
+prints PPL, KLD, top-1 agreement and times of both side by side, and replaces this script's section of
+docs/results.md (unless --no-write). llama-perplexity comes from vendor/build/bin (vendor/build_llama_tools.sh);
+without it only ewq-gguf's numbers are shown. CPU only: both run with --gpu-layers 0 and the same thread count.
+With --repeats N the whole sequence runs N times, ours and llama.cpp's interleaved, and each step keeps its fastest
+wall time (the numbers themselves are identical every time).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_tools import MeasuredRun, run_measured, tool_path  # noqa: E402
+from results_file import update_section  # noqa: E402
+
+from ewq_gguf.validate.text import load_text  # noqa: E402
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+RESULTS_FILE = REPO_DIR / "docs" / "results.md"
+RESULTS_TITLE = "Perplexity and KL divergence: ewq-gguf vs llama-perplexity"
+NUMBER = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
+
+
+@dataclass
+class Measured:
+    """One tool's numbers for one step, with its fastest run."""
+
+    values: dict[str, float]
+    run: MeasuredRun
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    before: Callable[[], None] | None = None
+
+
+def run_interleaved(steps: list[Step], repeats: int) -> dict[str, MeasuredRun]:
+    """Run the steps in order, `repeats` times over, keeping each step's fastest run. Interleaving ours and
+    llama.cpp's runs lets both see the same background load on a shared machine."""
+    best: dict[str, MeasuredRun] = {}
+    for _ in range(repeats):
+        for step in steps:
+            if step.before:
+                step.before()
+            run = run_measured(step.command)
+            if step.name not in best or run.wall_s < best[step.name].wall_s:
+                best[step.name] = run
+    return best
+
+
+def ours_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "ewq_gguf.cli", *arguments]
+
+
+def extract_json(output: str, opening: str):
+    """The JSON document our CLI printed; the captured output also holds progress bars (stderr)."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(re.escape(opening) + r"\n", output):
+        try:
+            return decoder.raw_decode(output, match.start())[0]
+        except ValueError:
+            continue
+    raise SystemExit(f"no JSON in ewq-gguf's output:\n{output[-3000:]}")
+
+
+def parse_llama(output: str, patterns: dict[str, str]) -> dict[str, float]:
+    values = {}
+    for name, pattern in patterns.items():
+        match = re.search(pattern, output)
+        if match is None:
+            raise SystemExit(f"llama-perplexity output has no '{name}' ({pattern}):\n{output[-3000:]}")
+        values[name] = float(match.group(1))
+        if match.lastindex and match.lastindex > 1:
+            values[name + "_se"] = float(match.group(2))
+    return values
+
+
+def plain_text_file(source: Path, folder: Path) -> Path:
+    """llama-perplexity reads plain text only: decompress a .gz once."""
+    if source.suffix != ".gz":
+        return source
+    plain = folder / source.stem
+    plain.write_bytes(gzip.decompress(source.read_bytes()))
+    return plain
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("candidate", type=Path, nargs="?")
+    parser.add_argument("--text", type=Path, help="default: the text ewq-gguf finds on this machine")
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
+    args = parser.parse_args()
+
+    text = load_text(args.text).source
+    llama_perplexity = tool_path("llama-perplexity")
+    common = ["--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads),
+              "--gpu-layers", "0", "--json"]
+    load_before = os.getloadavg()
+
+    with tempfile.TemporaryDirectory(prefix="bench-perplexity-") as scratch:
+        scratch = Path(scratch)
+        plain_text = plain_text_file(text, scratch)
+        llama_common = ["-c", str(args.ctx), "--chunks", str(args.chunks), "-t", str(args.threads), "-ngl", "0"]
+        cache = scratch / "cache"
+        base_logits = scratch / "base.kld"
+
+        def clear_cache() -> None:
+            for entry in cache.glob("*/*"):
+                entry.unlink()
+
+        steps = [Step("ours perplexity", ours_command("perplexity", str(args.base), "--text", str(text), *common))]
+        if llama_perplexity:
+            steps.append(Step("llama perplexity",
+                              [str(llama_perplexity), "-m", str(args.base), "-f", str(plain_text), *llama_common]))
+        if args.candidate:
+            compare_arguments = ours_command("compare", str(args.base), str(args.candidate), "--text", str(text),
+                                             "--cache-dir", str(cache), *common)
+            steps += [Step("ours compare cold", compare_arguments, clear_cache),
+                      Step("ours compare cached", compare_arguments)]
+            if llama_perplexity:
+                steps += [Step("llama kld base", [str(llama_perplexity), "-m", str(args.base), "-f", str(plain_text),
+                                                  *llama_common, "--kl-divergence-base", str(base_logits)]),
+                          Step("llama kld", [str(llama_perplexity), "-m", str(args.candidate), *llama_common,
+                                             "--kl-divergence-base", str(base_logits), "--kl-divergence"])]
+        runs = run_interleaved(steps, args.repeats)
+
+    ours_report = extract_json(runs["ours perplexity"].output, "{")
+    ours = Measured({"ppl": ours_report["ppl"], "ppl_se": ours_report["ppl_se"]}, runs["ours perplexity"])
+    theirs = None
+    if llama_perplexity:
+        theirs = Measured(parse_llama(runs["llama perplexity"].output,
+                                      {"ppl": rf"Final estimate: PPL = {NUMBER}\s*\+/-\s*{NUMBER}"}),
+                          runs["llama perplexity"])
+    rows = comparison_rows(f"PPL of {args.base.name}", ours, theirs, "ppl", "{:.4f}")
+    rows.append(time_row(f"perplexity wall s ({args.chunks} x {args.ctx} tokens)", ours.run.wall_s,
+                         theirs.run.wall_s if theirs else None))
+    rows.append(rss_row("perplexity peak RSS MiB", ours.run, theirs.run if theirs else None))
+    if args.candidate:
+        candidate_report = extract_json(runs["ours compare cached"].output, "[")[1]
+        ours_kld = Measured({key: candidate_report[key] for key in ("kld", "kld_se", "kld_p99", "top1", "ppl",
+                                                                      "ppl_se")}, runs["ours compare cached"])
+        theirs_kld = None
+        if llama_perplexity:
+            values = parse_llama(runs["llama kld"].output, {
+                "ppl": rf"Mean PPL\(Q\)\s*:\s*{NUMBER}\s*±\s*{NUMBER}",
+                "kld": rf"Mean    KLD:\s*{NUMBER}\s*±\s*{NUMBER}",
+                "kld_p99": rf"99\.0%   KLD:\s*{NUMBER}",
+                "top1": rf"Same top p:\s*{NUMBER}\s*±\s*{NUMBER} %",
+            })
+            values["top1"] /= 100
+            values["top1_se"] /= 100
+            theirs_kld = Measured(values, runs["llama kld"])
+        name = args.candidate.name
+        rows += comparison_rows(f"KLD {name}", ours_kld, theirs_kld, "kld", "{:.6f}")
+        rows += comparison_rows(f"KLD p99 {name}", ours_kld, theirs_kld, "kld_p99", "{:.5f}", with_se=False)
+        rows += comparison_rows(f"top-1 agreement {name}", ours_kld, theirs_kld, "top1", "{:.4f}")
+        rows += comparison_rows(f"PPL of {name}", ours_kld, theirs_kld, "ppl", "{:.4f}")
+        cold_theirs = runs["llama kld base"].wall_s + runs["llama kld"].wall_s if theirs_kld else None
+        rows.append(time_row("compare wall s, base logits not cached", runs["ours compare cold"].wall_s,
+                             cold_theirs))
+        rows.append(time_row("compare wall s, base logits cached", ours_kld.run.wall_s,
+                             theirs_kld.run.wall_s if theirs_kld else None))
+        rows.append(rss_row("compare peak RSS MiB (cached)", ours_kld.run, theirs_kld.run if theirs_kld else None))
+
+    table = markdown_table(rows)
+    setup = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu_name()}, {os.cpu_count()} logical CPUs, "
+             f"load average {load_before[0]:.1f} before the runs; {args.threads} thread(s), CPU only; "
+             f"text {text}, {args.chunks} chunks x {args.ctx} tokens; "
+             f"fastest of {args.repeats} interleaved run(s) per cell; "
+             f"llama-perplexity: {llama_perplexity or 'not built (vendor/build_llama_tools.sh)'}")
+    print(setup)
+    print(table)
+    if not args.no_write:
+        files = args.base.name + (f" against {args.candidate.name}" if args.candidate else "")
+        command = "python scripts/bench_perplexity.py " + " ".join(sys.argv[1:])
+        update_section(RESULTS_FILE, RESULTS_TITLE, f"{files}. {setup}.\n\n{table}", command)
+        print(f"updated {RESULTS_FILE}")
+
+
+def comparison_rows(label: str, ours: Measured, theirs: Measured | None, key: str, number_format: str,
+                    with_se: bool = True) -> list[tuple[str, str, str, str]]:
+    def cell(measured: Measured | None) -> str:
+        if measured is None:
+            return "-"
+        text = number_format.format(measured.values[key])
+        se = measured.values.get(key + "_se")
+        return f"{text} ± {number_format.format(se)}" if with_se and se is not None else text
+
+    difference = "-"
+    if theirs is not None:
+        difference = f"{ours.values[key] - theirs.values[key]:+.2e}"
+    return [(label, cell(ours), cell(theirs), f"difference {difference}")]
+
+
+def time_row(label: str, ours_s: float, theirs_s: float | None) -> tuple[str, str, str, str]:
+    ratio = f"ratio {ours_s / theirs_s:.2f}x" if theirs_s else "-"
+    return label, f"{ours_s:.1f}", f"{theirs_s:.1f}" if theirs_s else "-", ratio
+
+
+def rss_row(label: str, ours: MeasuredRun, theirs: MeasuredRun | None) -> tuple[str, str, str, str]:
+    return label, f"{ours.peak_rss_mib:.0f}", f"{theirs.peak_rss_mib:.0f}" if theirs else "-", ""
+
+
+def markdown_table(rows: list[tuple[str, str, str, str]]) -> str:
+    lines = ["| measurement | ewq-gguf | llama-perplexity | |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +22,7 @@ from .plan.reuse import plan_from_file
 from .plan.tiers import DEFAULT_TYPES, TierTypes
 from .quant import parse_type
 from .source.model import SourceModel, open_checkpoint
+from .timing import StageTimes
 from .write import add_plan_metadata, check_output, parse_size, write_gguf
 
 METHODS = ("ewq", "fastewq", "zd", "lim", "optimal", "uniform")
@@ -36,6 +37,8 @@ class ConvertResult:
     bits_per_weight: float
     plan: Plan
     seconds: float
+    # busy seconds per stage (plan, read, quantize, write, ...); read and quantize overlap writing
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 # The make_plan options each method takes; giving another is an error rather than silently ignored.
@@ -149,26 +152,48 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
     the default text first when no `calibration` is given.
     """
     started = time.perf_counter()
+    model = open_checkpoint(model_dir, allow_pickle=allow_pickle)
+    return convert_source(model, out, method, type=type, device=device, force=force, plan=plan, plan_out=plan_out,
+                          dry_run=dry_run, progress=progress, split_max_size=split_max_size, imatrix=imatrix,
+                          calibrate_from=model_dir, started=started, **options)
+
+
+def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = None, *, type: Optional[str] = None,
+                   device: str = "auto", force: bool = False, plan: Optional[str | Path] = None,
+                   plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
+                   split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
+                   calibrate_from: Optional[str | Path] = None, started: Optional[float] = None,
+                   **options: Any) -> ConvertResult:
+    """The one pipeline behind convert and export: plan an opened model (a checkpoint folder's or one in memory)
+    and write it. calibrate_from: the checkpoint folder lim/optimal calibrate on when no `calibration` is given."""
+    started = time.perf_counter() if started is None else started
+    times = StageTimes()
     out = Path(out)
     split_bytes = parse_size(split_max_size) if split_max_size is not None else 0
-    model = open_checkpoint(model_dir, allow_pickle=allow_pickle)
     if not dry_run:
         check_output(out, force)
     importance = load_importance(imatrix, model) if imatrix is not None else None
     if plan is None and method in ("lim", "optimal") and options.get("calibration") is None:
+        if calibrate_from is None:
+            raise InputError(f"method {method} on a model in memory needs calibration= (a Calibration, or the JSON "
+                             "of `ewq-gguf calibrate` run on the saved checkpoint)")
         from .calibrate import calibrate as run_calibration
 
-        options["calibration"] = run_calibration(model_dir, device=device, progress=progress)
-    decided = make_plan(model, method, type=type, plan=plan, device=device, progress=progress,
-                        importance=importance, **options)
+        with times.measure("calibrate"):
+            options["calibration"] = run_calibration(calibrate_from, device=device, progress=progress)
+    with times.measure("plan"):
+        decided = make_plan(model, method, type=type, plan=plan, device=device, progress=progress,
+                            importance=importance, **options)
     if plan_out is not None:
         decided.save(plan_out)
     if dry_run:
         return ConvertResult(None, planned_file_size(model, decided), decided.bits_per_weight, decided,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, times)
     written = write_gguf(model, decided, out, force=force, device=resolve_device(device), progress=progress,
-                         split_max_size=split_bytes, importance=importance.vectors() if importance else None)
-    return ConvertResult(written.path, written.bytes, decided.bits_per_weight, decided, time.perf_counter() - started)
+                         split_max_size=split_bytes, importance=importance.vectors() if importance else None,
+                         times=times)
+    return ConvertResult(written.path, written.bytes, decided.bits_per_weight, decided, time.perf_counter() - started,
+                         times)
 
 
 def calibrate(model_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> Calibration:

@@ -33,6 +33,7 @@ from .plan import Plan
 from .progress import progress_bar
 from .quant import quantize, row_nbytes
 from .source.model import SourceModel
+from .timing import StageTimes
 
 # Rows quantized per step: bounds the float32 working copy (~64 MiB) whatever the tensor size.
 CHUNK_ELEMENTS = 1 << 24
@@ -135,7 +136,8 @@ class _PartsWriter(gguf.GGUFWriter):
 
 def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool = False,
                device: torch.device = torch.device("cpu"), importance: Optional[dict[str, torch.Tensor]] = None,
-               progress: bool = True, split_max_size: Optional[int | str] = None) -> WrittenFile:
+               progress: bool = True, split_max_size: Optional[int | str] = None,
+               times: Optional[StageTimes] = None) -> WrittenFile:
     """Write `model` as `plan` says to `out`; returns where the finished file (or files) lie and their size.
 
     split_max_size: tensor bytes per file (int, or text like '2G'); above it the output is split into llama.cpp's
@@ -155,7 +157,8 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
         check_output(final, force)
     with _SignalGuard().active() as signals:
         try:
-            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals)
+            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals,
+                    StageTimes() if times is None else times)
             verify(temps, plan)
             signals.check()
             signals.hold()
@@ -171,7 +174,7 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
 
 
 def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, device: torch.device,
-            importance: dict[str, torch.Tensor], progress: bool, signals: _SignalGuard) -> None:
+            importance: dict[str, torch.Tensor], progress: bool, signals: _SignalGuard, times: StageTimes) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -182,14 +185,16 @@ def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, 
                           f"{free / 1e9:.2f} GB free")
     bar = progress_bar(total=plan.tensor_bytes, desc="writing", unit="B", unit_scale=True, enabled=progress)
     # closing: on any exit the generator's background thread is stopped before the temporaries are removed
-    with bar, closing(_encoded_tensors(model, plan, device, importance)) as encoded_tensors:
+    with bar, closing(_encoded_tensors(model, plan, device, importance, times)) as encoded_tensors:
         for encoded in encoded_tensors:
             signals.check()
-            writer.write_tensor_data(encoded)
+            with times.measure("write"):
+                writer.write_tensor_data(encoded)
             bar.update(encoded.nbytes)
-    for fout in writer.fout or []:
-        fout.flush()
-        os.fsync(fout.fileno())     # a full disk or an I/O error shows here, before the file is put in place
+    with times.measure("write"):
+        for fout in writer.fout or []:
+            fout.flush()
+            os.fsync(fout.fileno())     # a full disk or an I/O error shows here, before the file is put in place
     writer.close()
 
 
@@ -238,7 +243,7 @@ def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.d
 
 
 def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
-                     importance: dict[str, torch.Tensor]) -> Iterator[np.ndarray]:
+                     importance: dict[str, torch.Tensor], times: StageTimes) -> Iterator[np.ndarray]:
     """Encoded tensors in plan order, produced one ahead on a background thread.
 
     At most three encoded tensors exist at once (being written, queued, just made) and one source tensor.
@@ -251,10 +256,12 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
             for entry in plan.entries:
                 if stop.is_set():
                     return
-                tensor = model.load(model.by_name[entry.name])
+                with times.measure("read"):
+                    tensor = model.load(model.by_name[entry.name])
                 if list(tensor.shape) != entry.shape:
                     raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says {entry.shape}")
-                encoded = encode_tensor(tensor, QType[entry.type], entry.name, device, importance.get(entry.name))
+                with times.measure("quantize"):
+                    encoded = encode_tensor(tensor, QType[entry.type], entry.name, device, importance.get(entry.name))
                 del tensor      # the source is not kept while waiting for the queue
                 results.put(encoded)
             results.put(None)

@@ -21,7 +21,7 @@ from ewq_gguf.validate import compare, format_compare_table, perplexity, plot_si
 from ewq_gguf.validate.gguf_file import read_gguf
 from ewq_gguf.validate.logits_cache import base_logits
 from ewq_gguf.validate.modelfile import CHATML, GEMMA, LLAMA3, MISTRAL, PHI3, detect_chat_format
-from ewq_gguf.validate.scoring import EncodedLogProbs, encode_log_probs, score_against_base
+from ewq_gguf.validate.scoring import BaseScores, EncodedLogProbs, score_against_base, score_base
 from ewq_gguf.validate.text import DEFAULT_TEXT_CANDIDATES, load_text
 
 CTX = 64
@@ -172,10 +172,12 @@ def test_compact_log_probs_keep_kl_within_rounding():
     rng = np.random.default_rng(0)
     base_logits_rows = rng.normal(0, 3, size=(40, 3000)).astype(np.float32)
     candidate = base_logits_rows + rng.normal(0, 0.05, size=base_logits_rows.shape).astype(np.float32)
-    encoded = EncodedLogProbs(np.empty(base_logits_rows.shape, np.uint16), np.empty(40, np.float32),
-                              np.empty(40, np.float32))
-    encode_log_probs(base_logits_rows, encoded)
-    scores = score_against_base(candidate, np.zeros(40, dtype=np.int64), encoded, base_logits_rows.argmax(axis=1))
+    targets = rng.integers(0, 3000, size=40)
+    base = BaseScores(EncodedLogProbs(np.empty(base_logits_rows.shape, np.uint16), np.empty(40, np.float32),
+                                      np.empty(40, np.float32)), np.empty(40), np.empty(40, dtype=np.int64))
+    score_base(base_logits_rows, targets, base)
+    encoded = base.log_probs
+    scores = score_against_base(candidate, targets, encoded, base.top1)
     p = base_logits_rows.astype(np.float64)
     p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
     q = candidate.astype(np.float64)
@@ -183,10 +185,12 @@ def test_compact_log_probs_keep_kl_within_rounding():
     exact = (np.exp(p) * (p - q)).sum(axis=1)
     np.testing.assert_allclose(scores.kld, exact, rtol=0, atol=16 / 65535)
     assert scores.kld.mean() == pytest.approx(exact.mean(), rel=0.01)
-    np.testing.assert_allclose(scores.nll, -q[:, 0], rtol=1e-6)
-    self_scores = score_against_base(base_logits_rows, np.zeros(40, dtype=np.int64), encoded,
-                                     base_logits_rows.argmax(axis=1))
+    np.testing.assert_allclose(scores.nll, -q[np.arange(40), targets], rtol=1e-6)
+    np.testing.assert_allclose(base.nll, -p[np.arange(40), targets], rtol=1e-6)
+    np.testing.assert_array_equal(base.top1, base_logits_rows.argmax(axis=1))
+    self_scores = score_against_base(base_logits_rows, targets, encoded, base.top1)
     assert not self_scores.kld.any() and self_scores.same_top1.all()
+    np.testing.assert_array_equal(self_scores.nll, base.nll)
 
 
 # ---------------------------------------------------------------------------------------------- cache

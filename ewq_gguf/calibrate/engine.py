@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..imatrix import ImportanceMatrix
 from ..progress import progress_bar
 from ..quant import CODECS, QType
-from ..source.model import open_checkpoint
+from ..source.model import SourceModel, open_checkpoint
 from .calibration import Calibration, model_fingerprint
 from .quant_error import DEFAULT_SAMPLE, error_table
 from .runner import ModelRunner, calibration_tokens
@@ -113,7 +113,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     return calibration
 
 
-def add_error_tables(calibration: Calibration, source, types: Sequence[QType], sample: int, device: torch.device,
+def add_error_tables(calibration: Calibration, source: SourceModel, types: Sequence[QType], sample: int, device: torch.device,
                      progress: bool) -> None:
     """Fill calibration.errors for `types`: "plain" quantization and quantization with its own importance vectors."""
     vectors = calibration.imatrix.vectors()

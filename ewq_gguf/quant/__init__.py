@@ -3,6 +3,10 @@
 Pure by design: this package knows no file, model or plan. One codec module per type family registers its
 encoders in ``CODECS``; everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
 derived here from gguf-py's block table so that planners can ask for sizes without producing bytes.
+
+Two backends give the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
+ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads and
+torch otherwise.
 """
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Optional
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
-from . import floats, iq4, kquants_affine, kquants_symmetric, legacy
+from ..errors import EwqGgufError
+from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy
 from .codec import Codec
 from .fallback import effective_type
 
@@ -20,7 +25,12 @@ CODECS: dict[QType, Codec] = {}
 for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
     CODECS.update(_family.CODECS)
 
-__all__ = ["QType", "Codec", "CODECS", "quantize", "dequantize", "row_nbytes", "tensor_nbytes", "can_hold", "parse_type", "effective_type"]
+BACKENDS = ("auto", "torch", "ggml")
+
+__all__ = [
+    "QType", "Codec", "CODECS", "BACKENDS", "quantize", "dequantize", "row_nbytes", "tensor_nbytes", "can_hold",
+    "parse_type", "effective_type",
+]
 
 
 def parse_type(name: str) -> QType:
@@ -58,11 +68,15 @@ def tensor_nbytes(qtype: QType, shape: tuple[int, ...]) -> int:
     return n_rows * row_nbytes(qtype, shape[-1])
 
 
-def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
+def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor] = None, backend: str = "auto",
+             threads: Optional[int] = None) -> torch.Tensor:
     """Encode a 2-D float tensor row by row into qtype; returns uint8 (n_rows, row_nbytes) on the same device.
 
     importance: optional per-column weights (llama.cpp's imatrix meaning), used only by types whose ggml encoder
     uses them. Rows in bf16/f16 are upcast to float32 first, as llama.cpp does before quantizing.
+    backend: "auto", "torch" or "ggml" (see the module's notes; every one gives the same bytes). F32/F16/BF16 are
+    plain casts, done by torch whatever the backend. threads: the ggml backend's threads (all CPUs of the process
+    when None); torch uses its own setting.
     All-finite input is the caller's contract (write.encode_tensor checks it once, on the stored dtype).
     """
     if rows.dim() != 2:
@@ -71,13 +85,31 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     if codec is None:
         raise ValueError(f"no encoder for {qtype.name}")
     row_nbytes(qtype, rows.shape[1])
-    # float targets cast straight from the stored dtype (exact: bf16/f16 -> f32 -> bf16/f16 is the identity)
-    rows = rows.contiguous() if qtype in floats.CODECS else rows.to(torch.float32).contiguous()
+    if qtype in floats.CODECS:
+        # cast straight from the stored dtype (exact: bf16/f16 -> f32 -> bf16/f16 is the identity)
+        return codec.quantize(rows.contiguous(), None)
+    use_ggml = _uses_ggml(backend, rows.device)
+    rows = rows.to(torch.float32).contiguous()
     if importance is not None:
         if importance.numel() != rows.shape[1]:
             raise ValueError(f"importance has {importance.numel()} values for rows of {rows.shape[1]}")
-        importance = importance.to(device=rows.device, dtype=torch.float32).contiguous() if codec.uses_importance else None
+        importance = importance.to(rows.device, torch.float32).contiguous() if codec.uses_importance else None
+    if use_ggml:
+        return ggml_backend.quantize(rows, qtype, importance, threads)
     return codec.quantize(rows, importance)
+
+
+def _uses_ggml(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cpu" and ggml_backend.available()
+    if backend == "ggml":
+        if device.type != "cpu":
+            raise EwqGgufError(f"the ggml quantizer runs on the CPU only, not on {device} (use the torch quantizer)")
+        ggml_backend.library_path()  # a missing library raises EwqGgufError, saying why
+        return True
+    raise ValueError(f"unknown quantizer backend '{backend}' (one of {', '.join(BACKENDS)})")
 
 
 def dequantize(data: torch.Tensor, qtype: QType, n_per_row: int) -> torch.Tensor:

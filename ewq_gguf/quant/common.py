@@ -1,7 +1,8 @@
 """Float32 arithmetic and bit layouts shared by the GGUF encoders, matching ggml's C code bit for bit.
 
-ggml's reference quantizers are scalar C compiled for baseline x86-64 (no FMA): every float operation is rounded
-to float32 in program order, sums run left to right, and no multiply-add is fused. The helpers here reproduce those
+ggml's reference quantizers are scalar C compiled for baseline x86-64 (the libggml-base of llama-cpp-python 0.3.36
+holds no FMA or AVX instruction): every float operation is rounded to float32 in program order, sums run left to
+right, and no multiply-add is fused. The helpers here reproduce those
 semantics on any torch device, for tensors of groups laid out with the group's elements along one dimension.
 
 Speed notes (CPU): torch.where, masked_fill and max-with-indices cost 30-60 times a plain elementwise op on large
@@ -120,22 +121,20 @@ def unpack_high_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], count)
 
 
-def sequential_sum(terms: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Float32 sum along dim, added one element at a time from the first, as a C loop `s += t[i]` starting at 0.
+def sequential_sum(terms: torch.Tensor, dim: int = 0, from_zero: bool = True) -> torch.Tensor:
+    """Float32 sum along dim, added one element at a time from the first, as a C loop `s += t[i]`.
 
     torch.sum reorders the additions (pairwise, vectorised), which changes the last bits; ggml does not.
+    from_zero: the C sum starts at +0.0 (`s = 0; s += t[0]; ...`), which turns a first -0.0 into +0.0; False for
+    ggml's sums that start at their first term (`s = t[0]; s += t[1]; ...`). Slices along dim are added in place
+    as they lie; only where they are strided in their last dimension is the tensor copied first.
     """
-    terms = terms.movedim(dim, 0).contiguous()
-    total = terms[0] + 0.0  # C's sum starts at +0.0, which turns a first -0.0 into +0.0
-    for term in terms[1:]:
-        total.add_(term)
-    return total
-
-
-def running_sum_from_first(terms: torch.Tensor) -> torch.Tensor:
-    """`s = t[0]; for i >= 1: s += t[i]` along dim 0 (differs from sequential_sum only in the sign of a zero)."""
-    total = terms[0].clone()
-    for term in terms[1:]:
+    terms = terms.movedim(dim, 0)
+    if terms.dim() > 1 and terms.stride(-1) != 1:
+        terms = terms.contiguous()
+    first, *rest = terms.unbind(0)
+    total = first + 0.0 if from_zero else first.clone()
+    for term in rest:
         total.add_(term)
     return total
 
@@ -159,23 +158,20 @@ def nonzero_reciprocal(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, divide(1.0, d), torch.zeros_like(d))
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value is finite. A finite plain sum proves it in one cheap pass; a sum that overflows only
+    sends the caller down its exact (slower) path."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
 def exact_sqrt(values: torch.Tensor) -> torch.Tensor:
     """Correctly rounded float32 square root (C's sqrtf).
 
-    torch.sqrt on CPU goes through MKL's vector math for large tensors and is off by one ulp on about 15% of
-    inputs. Here the float64 root, rounded to float32, is corrected against the exact squares of the two
-    neighbouring float32 midpoints (25-bit numbers, so their squares are exact in float64).
+    torch.sqrt of float32 on CPU goes through MKL's vector math for large tensors and is off by one ulp on about
+    15% of inputs. The float64 root rounded to float32 is correctly rounded: 53 >= 2*24 + 2 bits make the double
+    rounding of a square root harmless (Figueroa, "When is double rounding innocuous?", 1995).
     """
-    wide = values.to(torch.float64)
-    root = torch.sqrt(wide).to(torch.float32)
-    finite = torch.isfinite(root) & (root > 0)
-    above = torch.nextafter(root, torch.full_like(root, float("inf")))
-    below = torch.nextafter(root, torch.zeros_like(root))
-    root_wide = root.to(torch.float64)
-    upper_mid = (root_wide + above.to(torch.float64)) * 0.5
-    lower_mid = (root_wide + below.to(torch.float64)) * 0.5
-    root = torch.where(finite & (wide > upper_mid * upper_mid), above, root)
-    return torch.where(finite & (wide < lower_mid * lower_mid), below, root)
+    return torch.sqrt(values.to(torch.float64)).to(torch.float32)
 
 
 # ---------------------------------------------------------------- ggml's first-occurrence scans
@@ -222,17 +218,18 @@ def first_absmax(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Te
 def _extreme_scan(flat: torch.Tensor, start: float, lowest: bool) -> torch.Tensor:
     candidates = torch.where(torch.isnan(flat), torch.full_like(flat, start), flat)
     extreme = candidates.amin(dim=0, keepdim=True) if lowest else candidates.amax(dim=0, keepdim=True)
-    extreme = extreme.clamp(max=start) if lowest else extreme.clamp(min=start)
     first = (candidates == extreme).to(torch.uint8).argmax(dim=0, keepdim=True)
     value = torch.gather(candidates, 0, first)
-    return torch.where(value == extreme, value, extreme).squeeze(0)
+    # the start value wins unless some element lies strictly beyond it (the comparison is strict)
+    beyond = value < start if lowest else value > start
+    return torch.where(beyond, value, torch.full_like(value, start)).squeeze(0)
 
 
 def _first_extreme(x: torch.Tensor, dim: int, start: float, lowest: bool) -> torch.Tensor:
     flat, shape = _as_groups(x, dim)
     extreme = flat.amin(dim=0) if lowest else flat.amax(dim=0)
     extreme = extreme.clamp(max=start) if lowest else extreme.clamp(min=start)
-    # NaN reaches amin/amax; a zero extreme may be -0.0 or +0.0, whichever comes first
+    # NaN reaches amin/amax; a zero extreme may be -0.0 or +0.0, whichever comes first (or the start)
     unsure = torch.isnan(extreme) | (extreme == 0)
     (extreme,) = _redo_groups(flat, unsure, lambda sub: (_extreme_scan(sub, start, lowest),), (extreme,))
     return extreme.reshape(shape)
@@ -250,132 +247,190 @@ def first_max(x: torch.Tensor, dim: int = -1, start: float = -FLT_MAX) -> torch.
 
 # ---------------------------------------------------------------- ggml's scale searches
 
-def _levels(scaled: torch.Tensor, low: int, high: int, bounded: bool = False) -> torch.Tensor:
-    """clamp(nearest_int(scaled), low, high) as float32.
+ROUND_EVEN_LIMIT = 4194303.0  # within +-this, round-half-even (torch.round) equals ggml's nearest_int bit trick
 
-    bounded: the caller knows every value is finite and below 2**22 in magnitude, where torch.round (one cheap op)
-    rounds exactly as nearest_int; past that, and for NaN, only nearest_int's bit trick agrees with ggml.
+
+def round_levels_(scaled: torch.Tensor, low: int, high: int, exact: bool) -> torch.Tensor:
+    """In place: MAX(low, MIN(high, nearest_int(scaled))) as float32.
+
+    exact=False: the caller knows every value is finite and within ROUND_EVEN_LIMIT, where torch.round (one cheap
+    op) rounds as nearest_int does; beyond that, and for NaN, only nearest_int's bit trick agrees with ggml.
     """
-    if bounded:
-        return torch.round(scaled).clamp_(low, high)
-    return nearest_int(scaled).clamp_(low, high).to(torch.float32)
+    if exact:
+        return scaled.copy_(nearest_int(scaled).clamp_(low, high))
+    return scaled.round_().clamp_(low, high)
+
+
+def pick_trial_scale(sumlx: torch.Tensor, suml2: torch.Tensor, first_if_positive: bool):
+    """ggml's choice among the trial scales of weighted least-squares fits (make_qx_quants, IQ4's block scales).
+
+    sumlx, suml2: (trials, groups), the sums of w*x*l and w*l*l of each trial. Trial 0 gives the first scale
+    sumlx/suml2 (0 where suml2 fails ggml's test: `suml2 > 0` with first_if_positive, else `suml2 != 0`); then in
+    order each later trial replaces it where `suml2 > 0 && sumlx*sumlx > best*suml2`, best = scale*sumlx of the
+    last accepted trial. Returns (scale, index of the accepted trial) per group.
+    """
+    ratios = divide(sumlx, suml2)
+    first_valid = suml2[0] > 0 if first_if_positive else suml2[0] != 0
+    scale = torch.where(first_valid, ratios[0], torch.zeros_like(ratios[0]))
+    best = scale * sumlx[0]
+    chosen = torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
+    for trial in range(1, sumlx.shape[0]):
+        better = (suml2[trial] > 0) & (sumlx[trial] * sumlx[trial] > best * suml2[trial])
+        scale = torch.where(better, ratios[trial], scale)
+        best = torch.where(better, ratios[trial] * sumlx[trial], best)
+        chosen.masked_fill_(better, trial)
+    return scale, chosen
+
+
+# make_qx_quants on CPU: groups per batch, so that its (2, 19, batch) working tensors stay in cache
+QX_CPU_GROUPS_PER_BATCH = 4096
+
+
+def _qx_numerators(nmax: int, device: torch.device) -> torch.Tensor:
+    """make_qx_quants' inverse-scale numerators in its order: -nmax, then -(nmax + 0.1f*is) for is = -9..9, is != 0."""
+    steps = torch.tensor([s for s in range(-9, 10) if s != 0], dtype=torch.float32, device=device)
+    offsets = torch.cat([torch.zeros(1, device=device), steps * 0.1]) + float(nmax)
+    return -offsets
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, weights) for every group of x at once.
 
     x: (n, ...) with the n values of each group along dim 0; weights broadcasts against x (pass x*x where ggml
-    gets no quant weights). Returns (scale, levels): scale per group and levels (n, ...) int32 in [0, 2*nmax) as
-    ggml stores them in L, all 0 for a group whose largest magnitude is below GROUP_MAX_EPS. The 18 trial scales
-    -(nmax + 0.1*is)/max are evaluated together; only the acceptance test runs in ggml's order.
+    gets no quant weights). Returns (scale per group, levels (n, ...) uint8 in [0, 2*nmax)) as ggml stores them in
+    L, all 0 for a group whose largest magnitude is below GROUP_MAX_EPS. On CPU the groups go through in batches
+    small enough for the trials' working tensors to stay in cache.
     """
+    x, weights, group_shape = _group_columns(x, weights)
+    exact = not all_finite(x)
+    batch = QX_CPU_GROUPS_PER_BATCH if x.device.type == "cpu" else x.shape[1]
+    scale = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
+    levels = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    for start in range(0, x.shape[1], batch):
+        part = slice(start, start + batch)
+        scale[part], levels[:, part] = _make_qx_quants(x[:, part], nmax, weights[:, part], exact)
+    return scale.reshape(group_shape), levels.reshape(-1, *group_shape)
+
+
+def _group_columns(x: torch.Tensor, weights: torch.Tensor):
+    """x (n, ...) and weights broadcasting against it, as (n, groups) tensors; and the shape of the groups."""
     group_shape = x.shape[1:]
     n = x.shape[0]
-    x = x.reshape(n, -1)
-    weights = weights.expand(n, *group_shape).reshape(n, -1)
+    return x.reshape(n, -1), weights.expand(n, *group_shape).reshape(n, -1), group_shape
+
+
+def _make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor, exact: bool):
+    """make_qx_quants for x and weights (n, G).
+
+    All 19 trial scales advance together, one value of the groups at a time, so that ggml's left-to-right sums are
+    n additions of whole (2, 19, G) tensors; then pick_trial_scale chooses in ggml's order. For finite x,
+    |x| <= |max| bounds every scaled value by nmax + 1, where torch.round is exact (see round_levels_).
+    """
     amax, signed_max = first_absmax(x, dim=0)
     zero = amax < GROUP_MAX_EPS
     signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
+    iscales = divide(_qx_numerators(nmax, x.device).unsqueeze(1), signed_max.unsqueeze(0))  # (19, G)
 
-    steps = torch.tensor([s for s in range(-9, 10) if s != 0], dtype=torch.float32, device=x.device)
-    offsets = torch.cat([torch.zeros(1, device=x.device), steps * 0.1]) + float(nmax)  # nmax + 0.1f*is
-    iscales = divide(-offsets.unsqueeze(1), signed_max.unsqueeze(0))  # (19, groups); row 0 is -nmax/max
-    # |x| <= |max| bounds every scaled value by nmax + 1, where torch.round equals nearest_int; NaN/inf need the latter
-    finite = bool(torch.isfinite(x).all())
-    levels = _levels(x.unsqueeze(1) * iscales.unsqueeze(0), -nmax, nmax - 1, finite)  # (n, 19, groups)
-    products = torch.empty((n, 2, *levels.shape[1:]), dtype=torch.float32, device=x.device)
-    torch.mul((weights * x).unsqueeze(1), levels, out=products[:, 0])
-    torch.mul(weights.unsqueeze(1), levels, out=products[:, 1]).mul_(levels)
-    sums = sequential_sum(products)
-    sumlx, suml2 = sums[0], sums[1]  # (19, groups)
+    x_weighted = weights * x
+    trial_levels = torch.empty(iscales.shape, dtype=torch.float32, device=x.device)
+    products = torch.empty((2, *iscales.shape), dtype=torch.float32, device=x.device)
+    sums = torch.zeros((2, *iscales.shape), dtype=torch.float32, device=x.device)  # C's sums start at +0.0
+    for i in range(x.shape[0]):
+        round_levels_(torch.mul(iscales, x[i], out=trial_levels), -nmax, nmax - 1, exact)
+        torch.mul(trial_levels, x_weighted[i], out=products[0])  # (w*x)*l
+        torch.mul(trial_levels, weights[i], out=products[1]).mul_(trial_levels)  # (w*l)*l
+        sums += products
 
-    scale = torch.where(suml2[0] != 0, divide(sumlx[0], suml2[0]), torch.zeros_like(sumlx[0]))
-    best = scale * sumlx[0]
-    best_iscale = iscales[0]
-    for trial in range(1, iscales.shape[0]):
-        better = (suml2[trial] > 0) & (sumlx[trial] * sumlx[trial] > best * suml2[trial])
-        scale = torch.where(better, divide(sumlx[trial], suml2[trial]), scale)
-        best = torch.where(better, scale * sumlx[trial], best)
-        best_iscale = torch.where(better, iscales[trial], best_iscale)
-
-    codes = _levels(x * best_iscale, -nmax, nmax - 1, finite).to(torch.int32) + nmax
-    codes = torch.where(zero, torch.zeros_like(codes), codes)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale.reshape(group_shape), codes.reshape(n, *group_shape)
+    scale, chosen = pick_trial_scale(sums[0], sums[1], first_if_positive=False)
+    best_iscale = iscales.gather(0, chosen.unsqueeze(0))
+    levels = round_levels_(x * best_iscale, -nmax, nmax - 1, exact).add_(nmax).to(torch.uint8)
+    levels.masked_fill_(zero, 0)
+    return scale.masked_fill_(zero, 0.0), levels
 
 
-def make_qkx3_quants(
+def make_qkx_quants(
     x: torch.Tensor, nmax: int, weights: torch.Tensor, rmin: float = -0.9, rdelta: float = 0.05, nstep: int = 36,
+    use_mad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false).
+    """ggml's make_qkx2_quants and make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep,
+    use_mad) for every group of x at once (the defaults are make_qkx3's arguments in the imatrix encoders).
 
-    x and weights: (n, ...) with the n values of each group along dim 0, every other position an independent
-    group. Returns (scale, the_min, levels): scale and the_min (ggml's *the_min, i.e. minus the offset) per group,
-    levels (n, ...) int32 in [0, nmax]. The search is sequential over its nstep+1 candidates because an accepted
-    candidate moves the offset that later candidates start from; every group advances at once. Levels are
-    recomputed at the end from the (iscale, offset) pair that produced the accepted candidate.
+    The two C functions are one algorithm: they differ only in the early return for a flat group (`max == min`
+    against `max <= min`), and min <= max holds in both unless x[0] is NaN, where neither returns early.
+    x and weights: (n, ...) with the n values of each group along dim 0. Returns (scale, the_min, levels): scale
+    and the_min (ggml's *the_min, minus the offset) per group, levels (n, ...) uint8 in [0, nmax].
+
+    The search is sequential over its nstep+1 candidates because an accepted candidate moves the offset that later
+    candidates start from; every group advances at once. The best levels are not kept but recomputed at the end
+    from the (iscale, offset) that produced them.
     """
-    group_shape = x.shape[1:]
+    x, weights, group_shape = _group_columns(x, weights)
     n = x.shape[0]
-    x = x.reshape(n, -1)
-    weights = weights.expand(n, *group_shape).reshape(n, -1)
-    start = x[0]
-    data_low = torch.where(torch.isnan(start), start, first_min(x, dim=0, start=float("inf")))
-    high = torch.where(torch.isnan(start), start, first_max(x, dim=0, start=float("-inf")))
-    low = torch.where(data_low > 0, torch.zeros_like(data_low), data_low)
-    flat = high <= low
-    finite = bool(torch.isfinite(x.sum()))
+    finite = all_finite(x)
+    # ggml's scans start from x[0]: a NaN there stays, since no comparison with it is true
+    first = x[0]
+    x_low = torch.where(torch.isnan(first), first, first_min(x, dim=0, start=float("inf")))
+    highest = torch.where(torch.isnan(first), first, first_max(x, dim=0, start=float("-inf")))
+    lowest = torch.where(x_low > 0, torch.zeros_like(x_low), x_low)
+    flat = highest <= lowest  # ggml returns at once: levels 0, scale 0
+    # a harmless range for flat groups, so that no inf/NaN from them forces the exact rounding; masked at the end
+    highest = torch.where(flat, lowest.abs() * 2 + 1, highest)
+    sum_w = sequential_sum(weights, from_zero=False)
+    sum_x = sequential_sum(weights * x, from_zero=False)  # ggml starts it at sum_w * x[0], i.e. w[0]*x[0]
+    steps = torch.arange(nstep + 1, dtype=torch.float32, device=x.device)
+    rmin_f, rdelta_f = (torch.tensor(value, dtype=torch.float32, device=x.device) for value in (rmin, rdelta))
+    numerators = (rmin_f + rdelta_f * steps) + float(nmax)  # C's rmin + rdelta*is + nmax, in float32
 
-    def levels_for(iscale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        # fl(iscale*fl(x - offset)) is monotone in x, so the group's extremes bound every scaled value
-        extremes = torch.stack([iscale * (data_low - offset), iscale * (high - offset)])
-        extremes = torch.where(flat, torch.zeros_like(extremes), extremes)
-        bounded = finite and bool((extremes.abs() < 4194303).all())
-        return _levels(iscale * (x - offset), 0, nmax, bounded)
-
-    sum_w = running_sum_from_first(weights)
-    sum_x = running_sum_from_first(weights * x)  # ggml starts it at sum_w * x[0], i.e. w[0]*x[0]
-
-    nmax_f = torch.tensor(float(nmax), dtype=torch.float32, device=x.device)
-    iscale = divide(nmax_f, high - low)
-    scale = divide(1.0, iscale)
-    levels = levels_for(iscale, low)
-    diff = scale * levels + low - x
-    best_mad = sequential_sum(weights * (diff * diff))
-    levels_iscale, levels_low = iscale, low
-
-    rmin_f = torch.tensor(rmin, dtype=torch.float32, device=x.device)
-    rdelta_f = torch.tensor(rdelta, dtype=torch.float32, device=x.device)
+    trial = torch.empty_like(x)
+    # w*l, w*l*l and w*l*x of every element side by side, so that one run of additions sums all three
     products = torch.empty((n, 3, x.shape[1]), dtype=torch.float32, device=x.device)
+    diff = products[:, 0]  # the error terms reuse the first plane once the sums are taken
+
+    def grid_levels(minimum, iscale):
+        """MAX(0, MIN(nmax, nearest_int(iscale*(x - minimum)))) into `trial`. iscale*(x - minimum) is monotonic
+        along a group and equals the step's numerator at the group's maximum, so its minimum bounds it."""
+        torch.mul(torch.sub(x, minimum, out=trial), iscale, out=trial)
+        bound = (x_low - minimum).mul_(iscale).abs_().max()
+        return round_levels_(trial, 0, nmax, not finite or not bool(bound <= ROUND_EVEN_LIMIT))
+
+    def error(levels, scale, minimum):
+        torch.mul(levels, scale, out=diff).add_(minimum).sub_(x)
+        (diff.abs_() if use_mad else diff.mul_(diff)).mul_(weights)
+        return sequential_sum(diff)
+
+    iscale = divide(float(nmax), highest - lowest)
+    scale = divide(1.0, iscale)
+    best_error = error(grid_levels(lowest, iscale), scale, lowest)
+    # Rows: error, grid iscale, grid minimum, scale, minimum of the best fit so far
+    best = torch.stack([best_error, iscale, lowest, scale, lowest])
+    candidate = torch.empty_like(best)
     for step in range(nstep + 1):
-        iscale = divide(rmin_f + rdelta_f * float(step) + nmax_f, high - low)
-        candidate = levels_for(iscale, low)
-        weighted = torch.mul(weights, candidate, out=products[:, 0])
-        torch.mul(weighted, candidate, out=products[:, 1])
+        minimum = best[4]
+        # ggml reuses the best minimum found so far, not the group's own, for the next step's grid
+        iscale = torch.div(numerators[step], highest - minimum, out=candidate[1])
+        candidate[2].copy_(minimum)
+        grid_levels(minimum, iscale)
+        weighted = torch.mul(weights, trial, out=products[:, 0])
+        torch.mul(weighted, trial, out=products[:, 1])
         torch.mul(weighted, x, out=products[:, 2])
         sum_l, sum_l2, sum_xl = sequential_sum(products)
         det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = divide(sum_w * sum_xl - sum_x * sum_l, det)
-        this_min = divide(sum_l2 * sum_x - sum_l * sum_xl, det)
+        this_scale = torch.div(sum_w * sum_xl - sum_x * sum_l, det, out=candidate[3])
+        this_min = torch.div(sum_l2 * sum_x - sum_l * sum_xl, det, out=candidate[4])
         positive_min = this_min > 0
-        this_scale = torch.where(positive_min, divide(sum_xl, sum_l2), this_scale)
-        this_min = torch.where(positive_min, torch.zeros_like(this_min), this_min)
-        diff = (this_scale * candidate).add_(this_min).sub_(x)
-        mad = sequential_sum(diff.mul_(diff).mul_(weights))
-        better = (det > 0) & (mad < best_mad) & ~flat
-        levels_iscale = torch.where(better, iscale, levels_iscale)
-        levels_low = torch.where(better, low, levels_low)
-        best_mad = torch.where(better, mad, best_mad)
-        scale = torch.where(better, this_scale, scale)
-        low = torch.where(better, this_min, low)
-
-    levels = levels_for(levels_iscale, levels_low).to(torch.int32)
-    levels = torch.where(flat, torch.zeros_like(levels), levels)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale.reshape(group_shape), (-low).reshape(group_shape), levels.reshape(n, *group_shape)
+        this_min.masked_fill_(positive_min, 0.0)
+        torch.where(positive_min, sum_xl / sum_l2, this_scale, out=this_scale)
+        trial_error = candidate[0].copy_(error(trial, this_scale, this_min))
+        better = (det > 0) & (trial_error < best[0])
+        best = torch.where(better, candidate, best)
+    _, best_iscale, best_grid_min, scale, minimum = best
+    levels = grid_levels(best_grid_min, best_iscale).masked_fill_(flat, 0.0).to(torch.uint8)
+    scale = scale.masked_fill(flat, 0.0)
+    minimum = torch.where(flat, lowest, minimum)
+    return scale.reshape(group_shape), (-minimum).reshape(group_shape), levels.reshape(n, *group_shape)
 
 
-# ---------------------------------------------------------------- layout
+# ---------------------------------------------------------------- layout and chunking
 
 GPU_CHUNK_FACTOR = 64
 
@@ -393,6 +448,34 @@ def row_chunks(n_rows: int, n_per_row: int, chunk_values: int):
         yield slice(start, min(n_rows, start + rows_per_chunk))
 
 
+def encode_in_chunks(rows: torch.Tensor, row_nbytes: int, cpu_chunk_values: int,
+                     encode: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """encode(chunk) -> the uint8 bytes of rows[chunk], over chunks of whole rows of about cpu_chunk_values values
+    (more on a GPU, see device_chunk_values), into one (n_rows, row_nbytes) tensor on the rows' device."""
+    n_rows, n_per_row = rows.shape
+    output = torch.empty((n_rows, row_nbytes), dtype=torch.uint8, device=rows.device)
+    for chunk in row_chunks(n_rows, n_per_row, device_chunk_values(rows.device, cpu_chunk_values)):
+        output[chunk] = encode(chunk).reshape(-1, row_nbytes)
+    return output
+
+
 def to_element_major(rows: torch.Tensor, block: int) -> torch.Tensor:
     """(R, N) -> (block, R*N/block): element i of every block along dim 0, blocks in row order along dim 1."""
     return rows.reshape(-1, block).t().contiguous()
+
+
+def block_square_sums(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """ggml's `sum += x[j]*x[j]` over each block of `block` values of every row, left to right: (R*N/block,)."""
+    return sequential_sum(to_element_major(rows * rows, block))
+
+
+def importance_weights(importance: torch.Tensor, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """ggml's weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j]) for element-major x (block, groups) of whole rows.
+
+    importance: the (n_per_row,) imatrix vector of one row; x's groups run through the rows in order, so the
+    vector repeats every n_per_row/block groups. sigma2 broadcasts against x (one value per group).
+    """
+    block = x.shape[0]
+    per_group = importance.reshape(-1, block).t().unsqueeze(1)  # (block, 1, groups per row)
+    root = exact_sqrt(sigma2 + x * x)
+    return (per_group * root.reshape(block, -1, per_group.shape[2])).reshape(block, -1)

@@ -17,8 +17,9 @@ from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
 from .common import (
-    GROUP_MAX_EPS, device_chunk_values, divide, exact_sqrt, first_absmax, fp16_bytes, int_bytes, nearest_int,
-    nonzero_reciprocal, pack_nibbles, row_chunks, sequential_sum, to_element_major,
+    GROUP_MAX_EPS, all_finite, block_square_sums, divide, encode_in_chunks, first_absmax, fp16_bytes,
+    importance_weights, int_bytes, nearest_int, nonzero_reciprocal, pack_nibbles, pick_trial_scale, sequential_sum,
+    to_element_major,
 )
 
 BLOCK = 32
@@ -102,36 +103,22 @@ def _block_scales(x: torch.Tensor, weights: torch.Tensor, finite_x: bool) -> tor
     torch.mul(weighted, x.unsqueeze(1), out=products[:, 0])
     torch.mul(weighted, codes, out=products[:, 1])
     sums = sequential_sum(products)
-    sumqx, sumq2 = sums[0], sums[1]  # (16, blocks)
-
-    d = torch.where(sumq2[0] > 0, divide(sumqx[0], sumq2[0]), torch.zeros_like(sumqx[0]))
-    best = d * sumqx[0]
-    for trial in range(1, ids.shape[0]):
-        better = (sumq2[trial] > 0) & (sumqx[trial] * sumqx[trial] > best * sumq2[trial])
-        d = torch.where(better, divide(sumqx[trial], sumq2[trial]), d)
-        best = torch.where(better, d * sumqx[trial], best)
+    d, _ = pick_trial_scale(sums[0], sums[1], first_if_positive=True)
     return torch.where(zero, torch.zeros_like(d), d)
 
 
-def _weights(x: torch.Tensor, super_sums: torch.Tensor, importance: Optional[torch.Tensor], n_rows: int,
+def _weights(x: torch.Tensor, super_sums: torch.Tensor, importance: Optional[torch.Tensor],
              super_block: int) -> torch.Tensor:
     """x^2 without importance; else qw * sqrt(sigma2 + x^2), sigma2 = 2/super_block * sum of x^2 over it."""
     if importance is None:
         return x * x
-    sigma2 = super_sums * (2.0 / super_block)
-    per_block_importance = to_element_major(importance.reshape(1, -1), BLOCK).repeat(1, n_rows)
-    return per_block_importance * exact_sqrt(sigma2 + x * x)
-
-
-def _finite(x: torch.Tensor) -> bool:
-    """Whether every value is finite (a finite plain sum proves it; an overflowing one only costs the slow path)."""
-    return bool(torch.isfinite(x.sum()))
+    return importance_weights(importance, x, super_sums * (2.0 / super_block))
 
 
 def _encode_nl(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
     x = to_element_major(rows, BLOCK)
-    finite = _finite(x)
-    weights = _weights(x, sequential_sum(x * x), importance, rows.shape[0], BLOCK)
+    finite = all_finite(x)
+    weights = _weights(x, sequential_sum(x * x), importance, BLOCK)
     scale = _block_scales(x, weights, finite)
     inverse = nonzero_reciprocal(scale)
     codes = nearest_on_grid(x, inverse, finite and bool(torch.isfinite(inverse * 2.0).all()), want_index=True)
@@ -140,12 +127,10 @@ def _encode_nl(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.
 
 def _encode_xs(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
     x = to_element_major(rows, BLOCK)  # (32, super_blocks*8)
-    finite = _finite(x)
+    finite = all_finite(x)
     n_super = x.shape[1] // SUB_BLOCKS
-    # ggml sums x^2 over the super-block in memory order: block 0's 32 values, then block 1's, ...
-    squares = (x * x).reshape(BLOCK, n_super, SUB_BLOCKS).permute(2, 0, 1).reshape(SUPER_BLOCK, n_super)
-    super_sums = sequential_sum(squares).repeat_interleave(SUB_BLOCKS)
-    weights = _weights(x, super_sums, importance, rows.shape[0], SUPER_BLOCK)
+    super_sums = block_square_sums(rows, SUPER_BLOCK).repeat_interleave(SUB_BLOCKS)
+    weights = _weights(x, super_sums, importance, SUPER_BLOCK)
     scales = _block_scales(x, weights, finite).reshape(n_super, SUB_BLOCKS)
 
     _, max_scale = first_absmax(scales, dim=1)
@@ -165,20 +150,14 @@ def _encode_xs(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.
     return torch.cat([fp16_bytes(d), int_bytes(scales_high, 2), scales_low, qs], dim=1)
 
 
-def _in_chunks(encode, rows: torch.Tensor, importance: Optional[torch.Tensor], row_nbytes: int) -> torch.Tensor:
-    n_rows, n_per_row = rows.shape
-    output = torch.empty((n_rows, row_nbytes), dtype=torch.uint8, device=rows.device)
-    for chunk in row_chunks(n_rows, n_per_row, device_chunk_values(rows.device, CHUNK_VALUES)):
-        output[chunk] = encode(rows[chunk], importance).reshape(-1, row_nbytes)
-    return output
-
-
 def quantize_iq4_nl(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    return _in_chunks(_encode_nl, rows, importance, rows.shape[1] // BLOCK * NL_BLOCK_BYTES)
+    return encode_in_chunks(rows, rows.shape[1] // BLOCK * NL_BLOCK_BYTES, CHUNK_VALUES,
+                            lambda chunk: _encode_nl(rows[chunk], importance))
 
 
 def quantize_iq4_xs(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    return _in_chunks(_encode_xs, rows, importance, rows.shape[1] // SUPER_BLOCK * XS_BLOCK_BYTES)
+    return encode_in_chunks(rows, rows.shape[1] // SUPER_BLOCK * XS_BLOCK_BYTES, CHUNK_VALUES,
+                            lambda chunk: _encode_xs(rows[chunk], importance))
 
 
 def _grid_values(qs: torch.Tensor) -> torch.Tensor:

@@ -9,41 +9,29 @@ built without FMA), rounding is ggml's nearest_int (round half to even), and fp1
 
 Layout inside this module: a chunk of rows (R, N) is held "group-major" as (16, R, N/16): element i of group g of row
 r at [i, r, g]. Per-group results are (R, N/16); per-block (256 values) results are (R, N/256).
-NaN or infinite inputs are outside what is matched (ggml's scans skip NaN; the reductions used here do not).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
-from .common import as_int8, divide, exact_sqrt, first_absmax, fp16_bytes, fp16_round, nearest_int, row_chunks
-from .common import sequential_sum, to_element_major
+from .common import (
+    GROUP_MAX_EPS, all_finite, as_int8, block_square_sums, divide, encode_in_chunks, first_absmax, fp16_bytes,
+    fp16_round, importance_weights, make_qx_quants, nearest_int, round_levels_, sequential_sum, to_element_major,
+)
 
 QK_K = 256
 GROUP = 16
 GROUPS_PER_BLOCK = QK_K // GROUP
-GROUP_MAX_EPS = 1e-15  # ggml: a group whose largest magnitude is below this is stored as zeros
 Q6_K_BLOCK_BYTES = 210
 Q3_K_BLOCK_BYTES = 110
-# Rows are encoded in chunks of about this many values: on CPU large enough that torch's per-operation overhead is
-# small against the work and small enough that the search's working tensors stay in cache; on a GPU large enough
-# to fill it.
-CPU_CHUNK_VALUES = 1 << 18
-GPU_CHUNK_VALUES = 1 << 24
-# make_qx_quants on CPU: groups per batch, so that its (2, 19, batch) working tensors stay in cache
-QX_CPU_GROUPS_PER_BATCH = 4096
-
-
-def _candidate_numerators(nmax: int) -> np.ndarray:
-    """ggml's inverse-scale numerators: -nmax (the first guess), then -(nmax + 0.1f*is) for is = -9..9, is != 0,
-    each evaluated in float32 as the C expression is."""
-    steps = [step for step in range(-9, 10) if step != 0]
-    values = [-np.float32(nmax)] + [-(np.float32(nmax) + np.float32(0.1) * np.float32(step)) for step in steps]
-    return np.array(values, dtype=np.float32)
+# Rows are encoded in chunks of about this many values on CPU: large enough that torch's per-operation overhead is
+# small against the work and small enough that the search's working tensors stay in cache (GPUs take more, see
+# common.device_chunk_values).
+CHUNK_VALUES = 1 << 18
 
 
 def _to_group_major(values: torch.Tensor) -> torch.Tensor:
@@ -54,109 +42,6 @@ def _to_group_major(values: torch.Tensor) -> torch.Tensor:
 def _from_group_major(values: torch.Tensor) -> torch.Tensor:
     """(16, R, G) -> (R, G*16), the inverse of _to_group_major."""
     return values.permute(1, 2, 0).reshape(values.shape[1], -1)
-
-
-def _group_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(amax, max) per group of x (16, ...) as ggml's scan `if (fabsf(x) > amax) { amax = fabsf(x); max = x; }`.
-
-    Two plain reductions decide every group whose largest magnitude has one sign; only groups holding both +m and
-    -m need the first-occurrence rule, and go through common.first_absmax (much slower per element).
-    """
-    highest, lowest = x.amax(dim=0), x.amin(dim=0)
-    amax = torch.maximum(highest, -lowest)
-    signed_max = torch.where(highest >= -lowest, highest, lowest)
-    tied = (highest == -lowest) & (highest > 0)
-    if bool(tied.any()):
-        positions = tied.nonzero(as_tuple=True)
-        signed_max[positions] = first_absmax(x[(slice(None), *positions)], dim=0)[1]
-    return amax, signed_max
-
-
-class _WeightedSums:
-    """ggml's `sumlx += w*x[i]*l; suml2 += w*l*l` over the 16 values (dim 0) of each group, in its order of
-    operations, for one set of levels (16, G) at a time. Buffers are reused from call to call."""
-
-    def __init__(self, x: torch.Tensor, weights: torch.Tensor):
-        self.weights = weights
-        self.x_weighted = weights * x
-        self.products = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device)
-
-    def __call__(self, levels: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(2, G): sumlx and suml2."""
-        products = self.products
-        torch.mul(self.x_weighted, levels, out=products[0])
-        torch.mul(self.weights, levels, out=products[1]).mul_(levels)
-        total = torch.add(products[:, 0], products[:, 1], out=out)
-        for i in range(2, GROUP):
-            total += products[:, i]
-        # C's sums start from +0.0; starting from the first term differs only when every term is -0.0, in which
-        # case the sum is -0.0 instead of +0.0, and adding +0.0 repairs exactly that
-        total += 0.0
-        return total
-
-
-def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor):
-    """ggml's make_qx_quants(n=16, nmax, x, L, rmse_type=1, weights) for groups x (16, ...), 16 values per column.
-
-    weights broadcasts against x (x*x where ggml passes no quant weights). Returns (scale (...), levels (16, ...)
-    uint8 in [0, 2*nmax)), levels as ggml stores them in L and 0 for groups that are all (near) zero.
-    On CPU the groups go through in batches small enough for the candidates' working tensors to stay in cache.
-    """
-    group_shape = x.shape[1:]
-    weights = weights.expand_as(x).reshape(GROUP, -1)
-    x = x.reshape(GROUP, -1)
-    batch = QX_CPU_GROUPS_PER_BATCH if x.device.type == "cpu" else x.shape[1]
-    scale = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
-    levels = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    for start in range(0, x.shape[1], batch):
-        part = slice(start, start + batch)
-        scale[part], levels[:, part] = _make_qx_quants(x[:, part], nmax, weights[:, part])
-    return scale.reshape(group_shape), levels.reshape(GROUP, *group_shape)
-
-
-def _make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants for x and weights (16, G).
-
-    All 19 candidate scales advance together, one value of the group at a time, so that ggml's left-to-right sums
-    are 16 additions of whole (2, 19, G) tensors. Then the choice runs in ggml's order: candidate c replaces the
-    best so far when sumlx_c^2 > best*suml2_c, best being (sumlx/suml2)*sumlx of the last accepted candidate.
-    """
-    n_groups = x.shape[1]
-    amax, signed_max = _group_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
-    numerators = _candidate_numerators(nmax)
-    n_candidates = len(numerators)
-    iscales = divide(torch.from_numpy(numerators).to(x.device).unsqueeze(-1), signed_max)  # (19, G)
-
-    x_weighted = weights * x
-    levels = torch.empty((n_candidates, n_groups), dtype=torch.float32, device=x.device)
-    products = torch.empty((2, n_candidates, n_groups), dtype=torch.float32, device=x.device)
-    sums = torch.zeros((2, n_candidates, n_groups), dtype=torch.float32, device=x.device)  # C's sums start at +0.0
-    for i in range(GROUP):
-        # |iscale*x| <= |numerator| (to an ulp) < 2**22, so round-half-even is exactly ggml's nearest_int
-        torch.mul(iscales, x[i], out=levels).round_().clamp_(-nmax, nmax - 1)
-        torch.mul(levels, x_weighted[i], out=products[0])  # (w*x)*l
-        torch.mul(levels, weights[i], out=products[1]).mul_(levels)  # (w*l)*l
-        sums += products
-    sumlx, suml2 = sums[0], sums[1]
-
-    ratios = sumlx / suml2
-    ratios[0].masked_fill_(suml2[0] == 0, 0.0)  # ggml: scale = suml2 ? sumlx/suml2 : 0
-    best = ratios[0] * sumlx[0]
-    chosen = torch.zeros(n_groups, dtype=torch.int64, device=x.device)
-    for c in range(1, n_candidates):
-        better = (sumlx[c] * sumlx[c] > best * suml2[c]) & (suml2[c] > 0)
-        best = torch.where(better, ratios[c] * sumlx[c], best)
-        chosen.masked_fill_(better, c)
-
-    scale = ratios.gather(0, chosen.unsqueeze(0))[0]
-    best_levels = (x * iscales.gather(0, chosen.unsqueeze(0))).round_().clamp_(-nmax, nmax - 1)
-    best_levels = (best_levels + nmax).to(torch.uint8)
-    if bool(zero.any()):
-        best_levels[:, zero] = 0
-        scale[zero] = 0.0
-    return scale, best_levels
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int = 4, max_passes: int = 5):
@@ -170,14 +55,13 @@ def make_q3_quants(x: torch.Tensor, nmax: int = 4, max_passes: int = 5):
     Returns (scale (G,), levels (16, G) uint8 in [0, 2*nmax)).
     """
     n_groups = x.shape[1]
-    amax, signed_max = _group_absmax(x)
+    amax, signed_max = first_absmax(x, dim=0)
     zero = amax < GROUP_MAX_EPS
     signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
     weights = x * x
-    weighted_sums = _WeightedSums(x, weights)
-    x_weighted = weighted_sums.x_weighted
-    levels = (x * divide(float(-nmax), signed_max)).round_().clamp_(-nmax, nmax - 1)
-    sumlx, suml2 = weighted_sums(levels)
+    x_weighted = weights * x
+    levels = round_levels_(x * divide(float(-nmax), signed_max), -nmax, nmax - 1, exact=not all_finite(x))
+    sumlx, suml2 = sequential_sum(torch.stack([x_weighted * levels, (weights * levels) * levels]), dim=1)
 
     position = torch.zeros(n_groups, dtype=torch.int64, device=x.device)  # next element of the current pass
     passes = torch.zeros(n_groups, dtype=torch.int64, device=x.device)  # passes completed
@@ -256,20 +140,6 @@ def _split_bit_fields(packed: torch.Tensor, width: int, count: int) -> torch.Ten
     return (packed.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
 
 
-def _chunk_values(device: torch.device) -> int:
-    return CPU_CHUNK_VALUES if device.type == "cpu" else GPU_CHUNK_VALUES
-
-
-def _in_chunks(encode, rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int,
-               per_row: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    """encode(rows[chunk], importance, *(t[chunk] for t in per_row)) over chunks of rows, into one uint8 array."""
-    n_rows, n_per_row = rows.shape
-    output = torch.empty((n_rows, n_per_row // QK_K * block_bytes), dtype=torch.uint8, device=rows.device)
-    for chunk in row_chunks(n_rows, n_per_row, _chunk_values(rows.device)):
-        output[chunk] = encode(rows[chunk], importance, *(t[chunk] for t in per_row))
-    return output
-
-
 # ---------------------------------------------------------------- Q6_K
 
 def _encode_q6_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
@@ -304,7 +174,8 @@ def _encode_q6_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torc
 
 
 def quantize_q6_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    return _in_chunks(_encode_q6_k, rows, importance, Q6_K_BLOCK_BYTES)
+    return encode_in_chunks(rows, rows.shape[1] // QK_K * Q6_K_BLOCK_BYTES, CHUNK_VALUES,
+                            lambda chunk: _encode_q6_k(rows[chunk], importance))
 
 
 def dequantize_q6_k(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
@@ -340,8 +211,8 @@ def _encode_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor],
     else:
         # quantize_row_q3_K_impl: weights imatrix * sqrt(sigma2 + x^2), then the group scales fitted by
         # make_qx_quants weighted by each group's total weight
-        sigma2 = sigma2.repeat_interleave(GROUPS_PER_BLOCK, dim=-1)
-        weights = importance.reshape(-1, GROUP).t().unsqueeze(1) * exact_sqrt(sigma2 + x * x)
+        weights = importance_weights(importance, x.reshape(GROUP, -1), sigma2.repeat_interleave(GROUPS_PER_BLOCK))
+        weights = weights.reshape(x.shape)
         group_weights = sequential_sum(weights)
         scales, levels = make_qx_quants(x, 4, weights)
         d_raw, codes = make_qx_quants(
@@ -362,23 +233,15 @@ def _encode_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor],
     ], dim=-1).reshape(n_rows, -1)
 
 
-def _block_sigma2(rows: torch.Tensor) -> torch.Tensor:
-    """quantize_row_q3_K_impl's sigma2 = 2*sum(x^2)/256 per block, summed left to right: (R, N/256).
-
-    The 256 sequential additions run over many rows at a time, which is far cheaper per value than chunk by chunk.
-    """
-    n_rows, n_per_row = rows.shape
-    sigma2 = torch.empty((n_rows, n_per_row // QK_K), dtype=torch.float32, device=rows.device)
-    for chunk in row_chunks(n_rows, n_per_row, max(_chunk_values(rows.device), 1 << 22)):
-        squares = to_element_major(rows[chunk] * rows[chunk], QK_K)  # (256, blocks)
-        sigma2[chunk] = ((sequential_sum(squares) * 2) / QK_K).reshape(-1, n_per_row // QK_K)
-    return sigma2
-
-
 def quantize_q3_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    if importance is None:
-        return _in_chunks(_encode_q3_k, rows, None, Q3_K_BLOCK_BYTES)
-    return _in_chunks(_encode_q3_k, rows, importance, Q3_K_BLOCK_BYTES, per_row=(_block_sigma2(rows),))
+    # quantize_row_q3_K_impl's sigma2 = 2*sum(x^2)/256 per block, for all rows at once (the 256 sequential
+    # additions are far cheaper per value over many rows than chunk by chunk)
+    sigma2 = None if importance is None else (block_square_sums(rows, QK_K) * 2 / QK_K).reshape(rows.shape[0], -1)
+
+    def encode(chunk: slice) -> torch.Tensor:
+        return _encode_q3_k(rows[chunk], importance, None if sigma2 is None else sigma2[chunk])
+
+    return encode_in_chunks(rows, rows.shape[1] // QK_K * Q3_K_BLOCK_BYTES, CHUNK_VALUES, encode)
 
 
 def dequantize_q3_k(data: torch.Tensor, n_per_row: int) -> torch.Tensor:

@@ -18,49 +18,37 @@ from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
 from .common import (
-    FLT_MAX, as_int8, device_chunk_values, divide, exact_sqrt, first_absmax, first_max, first_min, fp16_bytes,
-    low_byte, make_qkx3_quants, make_qx_quants, nonzero_reciprocal, pack_high_bits, pack_nibbles, round_half_away,
-    row_chunks, sequential_sum, to_element_major, truncate_to_int, unpack_high_bits,
+    FLT_MAX, all_finite, as_int8, block_square_sums, divide, encode_in_chunks, first_absmax, first_max, first_min,
+    fp16_bytes, importance_weights, low_byte, make_qkx_quants, make_qx_quants, nonzero_reciprocal, pack_high_bits,
+    pack_nibbles, round_half_away, to_element_major, truncate_to_int, unpack_high_bits,
 )
 
 BLOCK = 32
 # Rows are encoded in chunks of about this many values: large enough to amortise torch's per-call cost, small
-# enough to bound memory. make_qx_quants holds its 19 trial scales at once, so its chunks are smaller.
+# enough to bound memory.
 CHUNK_VALUES = 1 << 20
-CHUNK_VALUES_ALL_TRIALS = 1 << 14
 # Bytes per block of each type (gguf's table, repeated here to lay out the fields).
 BLOCK_BYTES = {QType.Q8_0: 34, QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24}
 
-def _row_sigma2(rows: torch.Tensor) -> torch.Tensor:
-    """sum_x2/n_per_row per row, the sum of x*x taken left to right over the whole row as ggml does."""
-    return divide(sequential_sum((rows * rows).t()), float(rows.shape[1]))
 
-
-def _weights(x: torch.Tensor, sigma2_per_block: torch.Tensor, importance: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """ggml's weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j]) for element-major x (32, blocks)."""
-    per_block_importance = to_element_major(importance.reshape(1, -1), BLOCK).repeat(1, n_rows)
-    return per_block_importance * exact_sqrt(sigma2_per_block + x * x)
-
-
-def _encode_rows(rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int, encode,
-                 chunk_values: int) -> torch.Tensor:
+def _encode_rows(rows: torch.Tensor, importance: Optional[torch.Tensor], block_bytes: int, encode) -> torch.Tensor:
     """Run encode(x (32, blocks), weights or None) over chunks of rows; returns (n_rows, row_bytes)."""
     n_rows, n_per_row = rows.shape
     blocks_per_row = n_per_row // BLOCK
-    output = torch.empty((n_rows, blocks_per_row * block_bytes), dtype=torch.uint8, device=rows.device)
-    sigma2 = _row_sigma2(rows) if importance is not None else None
-    for chunk in row_chunks(n_rows, n_per_row, device_chunk_values(rows.device, chunk_values)):
+    # ggml's sigma2: the mean square of the whole row, summed left to right
+    sigma2 = None if importance is None else divide(block_square_sums(rows, n_per_row), float(n_per_row))
+
+    def encode_chunk(chunk: slice) -> torch.Tensor:
         part = rows[chunk]
         if importance is None:
             # a transposed view, not a copy: elementwise results keep the blocks' memory order, so the packed
             # bytes come out block by block without a transpose back
-            x, weights = part.reshape(-1, BLOCK).t(), None
-        else:
-            # the searches add along dim 0 one element at a time, which wants each element's row contiguous
-            x = to_element_major(part, BLOCK)
-            weights = _weights(x, sigma2[chunk].repeat_interleave(blocks_per_row), importance, part.shape[0])
-        output[chunk] = encode(x, weights).reshape(part.shape[0], -1)
-    return output
+            return encode(part.reshape(-1, BLOCK).t(), None)
+        # the searches add along dim 0 one element at a time, which wants each element's row contiguous
+        x = to_element_major(part, BLOCK)
+        return encode(x, importance_weights(importance, x, sigma2[chunk].repeat_interleave(blocks_per_row)))
+
+    return encode_in_chunks(rows, blocks_per_row * block_bytes, CHUNK_VALUES, encode_chunk)
 
 
 def _pack_low_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -77,12 +65,6 @@ def _pack_five_bit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #
 # Each has a fast path for the usual case, finite values and finite reciprocal scales, where every scaled value
 # lies well inside int32 and C's casts are plain truncations; otherwise the casts are emulated exactly.
-
-def _all_finite(*tensors: torch.Tensor) -> bool:
-    """Whether every value is finite; a finite plain sum proves it in one pass (an overflowing sum only costs the
-    exact slow path)."""
-    return all(bool(torch.isfinite(t.sum())) for t in tensors)
-
 
 def _q8_0_amax(x: torch.Tensor, finite: bool) -> torch.Tensor:
     """ggml's `amax = MAX(amax, fabsf(v))` scan: a NaN is taken when met and dropped by the next value."""
@@ -104,11 +86,11 @@ def _c_roundf_to_int(values: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_q8_0(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    finite = _all_finite(x)
+    finite = all_finite(x)
     d = divide(_q8_0_amax(x, finite), 127.0)
     inverse = nonzero_reciprocal(d)
     scaled = x * inverse
-    if finite and _all_finite(inverse):
+    if finite and all_finite(inverse):
         codes = round_half_away(scaled).to(torch.int8).view(torch.uint8)
     else:
         codes = low_byte(_c_roundf_to_int(scaled))
@@ -132,7 +114,7 @@ def _symmetric_ref(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Te
     _, signed_max = first_absmax(x, dim=0)
     d = divide(signed_max, float(-levels))
     inverse = nonzero_reciprocal(d)
-    codes = _truncated_codes(x * inverse, levels + 0.5, 2 * levels - 1, _all_finite(x, inverse))
+    codes = _truncated_codes(x * inverse, levels + 0.5, 2 * levels - 1, all_finite(x, inverse))
     return d, codes
 
 
@@ -142,7 +124,7 @@ def _affine_ref(x: torch.Tensor, levels: int, clamp_codes: bool) -> tuple[torch.
     high = first_max(x, dim=0, start=-FLT_MAX)
     d = divide(high - low, float(levels))
     inverse = nonzero_reciprocal(d)
-    fast = _all_finite(x, inverse)
+    fast = all_finite(x, inverse)
     codes = _truncated_codes((x - low) * inverse, 0.5, levels if clamp_codes else None, fast)
     return d, low, codes
 
@@ -171,7 +153,7 @@ def _encode_q4_1(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tens
         d, offset, codes = _affine_ref(x, 15, clamp_codes=True)
         qs = (codes[:16] | (codes[16:] << 4)).t()  # ggml ORs the full byte xi0 (at most 15 here)
     else:
-        d, the_min, codes = make_qkx3_quants(x, 15, weights)
+        d, the_min, codes = make_qkx_quants(x, 15, weights)
         offset = -the_min
         qs = _pack_low_nibbles(codes)
     return torch.cat([fp16_bytes(d), fp16_bytes(offset), qs], dim=1)
@@ -181,7 +163,7 @@ def _encode_q5_1(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tens
     if weights is None:
         d, offset, codes = _affine_ref(x, 31, clamp_codes=False)
     else:
-        d, the_min, codes = make_qkx3_quants(x, 31, weights)
+        d, the_min, codes = make_qkx_quants(x, 31, weights)
         offset = -the_min
     qh, qs = _pack_five_bit(codes)
     return torch.cat([fp16_bytes(d), fp16_bytes(offset), qh, qs], dim=1)
@@ -238,21 +220,17 @@ def _decode_q5_1(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
     return (levels * _fp16_field(blocks, 0) + _fp16_field(blocks, 2)).reshape(data.shape[0], n_per_row)
 
 
-def _codec(qtype: QType, encode, decode, uses_importance: bool, weighted_chunk_values: int = CHUNK_VALUES) -> Codec:
+def _codec(qtype: QType, encode, decode, uses_importance: bool) -> Codec:
     def quantize(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-        weighted = uses_importance and importance is not None
-        return _encode_rows(rows, importance if weighted else None, BLOCK_BYTES[qtype], encode,
-                            weighted_chunk_values if weighted else CHUNK_VALUES)
+        return _encode_rows(rows, importance if uses_importance else None, BLOCK_BYTES[qtype], encode)
 
     return Codec(quantize=quantize, dequantize=decode, uses_importance=uses_importance)
 
 
 CODECS: dict[QType, Codec] = {
     QType.Q8_0: _codec(QType.Q8_0, _encode_q8_0, _decode_q8_0, uses_importance=False),
-    QType.Q4_0: _codec(QType.Q4_0, _encode_q4_0, _decode_q4_0, uses_importance=True,
-                       weighted_chunk_values=CHUNK_VALUES_ALL_TRIALS),
+    QType.Q4_0: _codec(QType.Q4_0, _encode_q4_0, _decode_q4_0, uses_importance=True),
     QType.Q4_1: _codec(QType.Q4_1, _encode_q4_1, _decode_q4_1, uses_importance=True),
-    QType.Q5_0: _codec(QType.Q5_0, _encode_q5_0, _decode_q5_0, uses_importance=True,
-                       weighted_chunk_values=CHUNK_VALUES_ALL_TRIALS),
+    QType.Q5_0: _codec(QType.Q5_0, _encode_q5_0, _decode_q5_0, uses_importance=True),
     QType.Q5_1: _codec(QType.Q5_1, _encode_q5_1, _decode_q5_1, uses_importance=True),
 }

@@ -140,7 +140,8 @@ def specs_from_records(adapter: Adapter, records: list[tuple[str, str, tuple[int
     """Specs for (hf name, dtype, shape) records, in llama.cpp's usual order: non-block tensors first, then blocks."""
     specs = []
     with config_errors():
-        for hf_name, dtype, shape in records:
+        # name order, not file order: a model gives the same file however it is sharded or held (folder or memory)
+        for hf_name, dtype, shape in sorted(records, key=lambda record: record[0]):
             name = adapter.gguf_name(hf_name)
             if name is None:
                 continue

@@ -28,7 +28,7 @@ from ewq_gguf.errors import OutputError
 from ewq_gguf.progress import progress_bar
 from ewq_gguf.validate.evaluator import ChunkEvaluator, ChunkLayout
 from ewq_gguf.validate.gguf_file import GgufFile
-from ewq_gguf.validate.scoring import EncodedLogProbs, encode_log_probs, negative_log_likelihoods
+from ewq_gguf.validate.scoring import BaseScores, EncodedLogProbs, score_base
 from ewq_gguf.validate.text import EvalText
 
 CACHE_FORMAT = 1
@@ -140,22 +140,14 @@ def base_logits(
         top1 = np.lib.format.open_memmap(directory / "top1.npy", "w+", np.int32, shape)
         nll = np.lib.format.open_memmap(directory / "nll.npy", "w+", np.float64, shape)
         tokens[:] = all_tokens[:n_chunks]
-        encoded = EncodedLogProbs(
-            codes=np.empty((layout.n_scored, evaluator.n_vocab), np.uint16),
-            low=np.empty(layout.n_scored, np.float32),
-            step=np.empty(layout.n_scored, np.float32),
-        )
         for index in progress_bar(range(n_chunks), desc=f"base logits {base.path.name}", unit="chunk",
                                   enabled=progress):
             logits = evaluator.chunk_logits(all_tokens[index])
-            nll[index] = negative_log_likelihoods(logits, all_tokens[index, layout.first + 1:], scoring_threads)
-            top1[index] = logits.argmax(axis=1)
-            encode_log_probs(logits, encoded, scoring_threads)
-            codes[index] = encoded.codes
-            grid[index, :, 0] = encoded.low
-            grid[index, :, 1] = encoded.step
-        for array in (tokens, codes, grid, top1, nll):
-            array.flush()
+            # Scores go straight into the memory maps; the page cache writes them out, no copy on the way.
+            chunk_out = BaseScores(EncodedLogProbs(codes[index], grid[index, :, 0], grid[index, :, 1]),
+                                   nll[index], top1[index])
+            score_base(logits, all_tokens[index, layout.first + 1:], chunk_out, scoring_threads)
+        del tokens, codes, grid, top1, nll
     meta = {
         "key": key,
         "base_path": str(base.path.resolve()),

@@ -71,20 +71,33 @@ def _grid_positions(log_probs: np.ndarray, low: np.ndarray, step: np.ndarray) ->
     return np.rint(positions, out=positions)
 
 
-def encode_log_probs(logits: np.ndarray, out: EncodedLogProbs, executor: Executor | None = None) -> None:
-    """Fill `out` (preallocated, same number of rows as `logits`) with the compact form of softmax(logits)."""
+@dataclass
+class BaseScores:
+    """What the cache keeps of the base's rows: compact log-probabilities, -log p(target) and the top token."""
+
+    log_probs: EncodedLogProbs
+    nll: np.ndarray  # float64 [rows]
+    top1: np.ndarray  # int [rows]
+
+
+def score_base(logits: np.ndarray, targets: np.ndarray, out: BaseScores, executor: Executor | None = None) -> None:
+    """Fill `out` (preallocated, possibly views into the cache's memory maps) from the base's logits."""
+    encoded = out.log_probs
 
     def work(block: slice) -> None:
         rows = logits[block]
-        log_probs = rows - log_normalizers(rows).astype(np.float32)[:, None]
+        normalizers = log_normalizers(rows)
+        out.nll[block] = normalizers - rows[np.arange(len(rows)), targets[block]]
+        out.top1[block] = rows.argmax(axis=1)
+        log_probs = rows - normalizers.astype(np.float32)[:, None]
         high = log_probs.max(axis=1)
         low = np.maximum(log_probs.min(axis=1), high - np.float32(LOG_PROB_RANGE))
         step = (high - low) / np.float32(CODE_MAX)
         positions = _grid_positions(log_probs, low, step)
         np.clip(positions, 0, CODE_MAX, out=positions)
-        out.codes[block] = positions
-        out.low[block] = low
-        out.step[block] = step
+        encoded.codes[block] = positions
+        encoded.low[block] = low
+        encoded.step[block] = step
 
     _for_row_blocks(len(logits), work, executor)
 

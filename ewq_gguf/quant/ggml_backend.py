@@ -1,0 +1,149 @@
+"""ggml's own encoders through ctypes: quantize()'s fast CPU backend, and the byte-exact reference of the tests.
+
+The library is libggml-base from the llama-cpp-python wheel (llama_cpp/lib/), located without importing llama_cpp,
+so loading it costs nothing but the dlopen. Its ggml_quantize_chunk is what llama-quantize itself calls.
+
+Threads: ctypes releases the GIL around each foreign call, and ggml_quantize_chunk over disjoint row ranges shares
+no mutable state for the types encoded here (only the IQ1/IQ2/IQ3 grids are global, built once under ggml's lock),
+so a chunk of rows is split over a small thread pool and the pieces run in parallel.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from ..errors import EwqGgufError
+
+_LIBRARY_NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
+# Pieces per thread: a few, so that a thread slowed by other work on the machine does not hold up the rest.
+_PIECES_PER_THREAD = 4
+
+
+class _TypeTraits(ctypes.Structure):
+    # struct ggml_type_traits in ggml.h; only to_float is called.
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def library_path() -> Path:
+    """Path of libggml-base shipped inside the installed llama_cpp package; EwqGgufError when there is none."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise EwqGgufError("llama-cpp-python is not installed: the ggml quantizer needs its libggml-base")
+    for location in spec.submodule_search_locations:
+        for name in _LIBRARY_NAMES:
+            candidate = Path(location) / "lib" / name
+            if candidate.exists():
+                return candidate
+    raise EwqGgufError(f"no libggml-base under {list(spec.submodule_search_locations)}/lib")
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    try:
+        library = ctypes.CDLL(str(library_path()))
+    except OSError as failure:
+        raise EwqGgufError(f"cannot load libggml-base: {failure}") from failure
+    library.ggml_quantize_chunk.restype = ctypes.c_size_t
+    library.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    library.ggml_row_size.restype = ctypes.c_size_t
+    library.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    library.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    library.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    return library
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether libggml-base is installed and loads (checked once)."""
+    try:
+        _library()
+    except EwqGgufError:
+        return False
+    return True
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def row_nbytes(qtype: QType, n_per_row: int) -> int:
+    """ggml_row_size: bytes of one row of n_per_row elements."""
+    return int(_library().ggml_row_size(int(qtype), n_per_row))
+
+
+def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor] = None,
+             threads: Optional[int] = None) -> torch.Tensor:
+    """ggml_quantize_chunk over all rows of a 2-D float32 CPU tensor; returns uint8 (n_rows, row_nbytes).
+
+    importance: the imatrix vector (n_per_row float32 values) or None, passed through unchanged: ggml decides per
+    type whether it reads it. threads: how many pieces run at once (default_threads() when None).
+    The caller checks that the row length is a multiple of the type's block size (ggml aborts the process if not).
+    """
+    if rows.dim() != 2 or rows.dtype != torch.float32 or rows.device.type != "cpu":
+        raise ValueError(f"ggml quantizes 2-D float32 CPU tensors, got {tuple(rows.shape)} {rows.dtype} {rows.device}")
+    rows = rows.contiguous()
+    n_rows, n_per_row = rows.shape
+    output = torch.empty((n_rows, row_nbytes(qtype, n_per_row)), dtype=torch.uint8)
+    weights = None
+    if importance is not None:
+        importance = importance.to(device="cpu", dtype=torch.float32).contiguous().reshape(-1)
+        if importance.numel() != n_per_row:
+            raise ValueError(f"importance has {importance.numel()} values for rows of {n_per_row}")
+        weights = importance.data_ptr()
+    library = _library()
+
+    def encode(first: int, last: int) -> None:
+        written = library.ggml_quantize_chunk(
+            int(qtype), rows.data_ptr(), output.data_ptr(), first * n_per_row, last - first, n_per_row, weights,
+        )
+        if written != (last - first) * output.shape[1]:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for rows {first}..{last} of {qtype.name}")
+
+    threads = max(1, threads or default_threads())
+    pieces = min(n_rows, threads * _PIECES_PER_THREAD) if threads > 1 else 1
+    if pieces <= 1:
+        encode(0, n_rows)
+        return output
+    bounds = [n_rows * i // pieces for i in range(pieces + 1)]
+    # a pool per call: its threads cost microseconds against the encoding, and nothing outlives the call (a
+    # process forked later inherits no half-dead pool)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ewq-ggml") as pool:
+        for done in [pool.submit(encode, first, last) for first, last in zip(bounds, bounds[1:])]:
+            done.result()
+    return output
+
+
+def dequantize(data: torch.Tensor, qtype: QType, n_per_row: int) -> torch.Tensor:
+    """ggml's to_float of qtype over uint8 (n_rows, row_nbytes) CPU bytes; returns float32 (n_rows, n_per_row)."""
+    packed = data.to(device="cpu", dtype=torch.uint8).contiguous()
+    n_rows = packed.numel() // row_nbytes(qtype, n_per_row)
+    traits = _library().ggml_get_type_traits(int(qtype)).contents
+    if not traits.to_float:
+        raise ValueError(f"ggml has no decoder for {qtype.name}")
+    output = torch.empty((n_rows, n_per_row), dtype=torch.float32)
+    _TO_FLOAT(traits.to_float)(packed.data_ptr(), output.data_ptr(), n_rows * n_per_row)
+    return output

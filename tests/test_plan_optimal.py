@@ -1,0 +1,67 @@
+"""The optimal planner's knapsack: exact on small instances, never over budget, and whole plans that fit a file size."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ewq_gguf.errors import InputError
+from ewq_gguf.plan.optimal import choose
+
+
+def brute_force(sizes, costs, budget):
+    best = None
+    for picks in itertools.product(*[range(len(item)) for item in sizes]):
+        size = sum(item[pick] for item, pick in zip(sizes, picks))
+        if size <= budget:
+            cost = sum(item[pick] for item, pick in zip(costs, picks))
+            if best is None or cost < best:
+                best = cost
+    return best
+
+
+def random_instance(rng, n_items, n_choices, max_size):
+    sizes = [list(rng.integers(1, max_size, size=n_choices)) for _ in range(n_items)]
+    costs = [list(rng.random(n_choices)) for _ in range(n_items)]
+    return sizes, costs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    sizes, costs = random_instance(rng, int(rng.integers(1, 6)), int(rng.integers(1, 5)), 30)
+    smallest = sum(min(item) for item in sizes)
+    budget = int(rng.integers(smallest, sum(max(item) for item in sizes) + 2))
+    picks, total = choose(sizes, costs, budget)
+    assert sum(item[pick] for item, pick in zip(sizes, picks)) <= budget
+    assert total == pytest.approx(sum(item[pick] for item, pick in zip(costs, picks)))
+    assert total == pytest.approx(brute_force(sizes, costs, budget))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_coarse_units_never_exceed_the_budget(seed):
+    """With sizes far above the resolution, the DP works in units of many bytes: still never over budget, and no
+    worse than the brute-force optimum of a budget smaller by one unit per item."""
+    rng = np.random.default_rng(100 + seed)
+    sizes, costs = random_instance(rng, 5, 4, 10**7)
+    smallest = sum(min(item) for item in sizes)
+    budget = int(rng.integers(smallest, sum(max(item) for item in sizes)))
+    resolution = 50
+    picks, total = choose(sizes, costs, budget, resolution=resolution)
+    assert sum(item[pick] for item, pick in zip(sizes, picks)) <= budget
+    unit = -(-(budget - smallest) // resolution)
+    reference = brute_force(sizes, costs, budget - len(sizes) * unit)
+    if reference is not None:
+        assert total <= reference + 1e-12
+
+
+def test_budget_below_the_smallest_choices_is_an_error():
+    with pytest.raises(InputError):
+        choose([[10, 20], [5]], [[1.0, 0.0], [0.0]], 14)
+
+
+def test_dominated_choices_are_never_picked():
+    # the second choice is larger and worse than the first
+    picks, total = choose([[10, 12, 30]], [[0.5, 0.9, 0.1]], 20)
+    assert picks == [0] and total == 0.5

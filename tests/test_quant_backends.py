@@ -1,0 +1,66 @@
+"""quantize()'s backends: ggml's encoders through ctypes on a thread pool, and the choice between them and ours."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ewq_gguf.errors import EwqGgufError
+from ewq_gguf.quant import CODECS, QType, ggml_backend, quantize
+
+from quant_inputs import make_importance, make_rows
+from quant_reference import assert_same_bytes, requires_ggml
+
+pytestmark = requires_ggml
+
+# 37 rows of 512: no thread count divides them evenly, so the pieces differ in size
+N_ROWS, N_PER_ROW = 37, 512
+
+
+@pytest.mark.parametrize("qtype", sorted(CODECS, key=lambda t: t.name), ids=lambda t: t.name)
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_auto_on_cpu_gives_the_torch_bytes(qtype, with_importance):
+    rows = make_rows("student_t3", N_ROWS, N_PER_ROW, seed=21)
+    importance = make_importance(N_PER_ROW, seed=21, with_zeros=True) if with_importance else None
+    assert_same_bytes(quantize(rows, qtype, importance, backend="auto"),
+                      quantize(rows, qtype, importance, backend="torch"))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_thread_count_does_not_change_bytes(threads):
+    rows = make_rows("real_bf16", N_ROWS, N_PER_ROW).to(torch.bfloat16)
+    importance = make_importance(N_PER_ROW)
+    for qtype in (QType.Q4_K, QType.IQ4_XS, QType.Q5_0):
+        assert_same_bytes(quantize(rows, qtype, importance, backend="ggml", threads=threads),
+                          quantize(rows, qtype, importance, backend="torch"))
+
+
+def test_auto_takes_ggml_on_cpu_and_torch_elsewhere(monkeypatch):
+    calls = []
+    real_quantize = ggml_backend.quantize
+
+    def recording_quantize(*args, **kwargs):
+        calls.append(args[1])
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(ggml_backend, "quantize", recording_quantize)
+    rows = make_rows("gaussian", 4, 256)
+    quantize(rows, QType.Q6_K)
+    quantize(rows, QType.Q6_K, backend="torch")
+    quantize(rows, QType.F16)  # float types are casts, in torch whatever the backend
+    assert calls == [QType.Q6_K]
+
+
+def test_ggml_backend_refuses_other_devices():
+    rows = torch.empty((2, 256), device="meta")
+    with pytest.raises(EwqGgufError, match="CPU"):
+        quantize(rows, QType.Q4_K, backend="ggml")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="auto, torch, ggml"):
+        quantize(torch.zeros(1, 32), QType.Q8_0, backend="numpy")
+
+
+def test_no_rows():
+    data = quantize(torch.zeros(0, 256), QType.Q4_K, backend="ggml", threads=4)
+    assert data.shape == (0, 144) and data.dtype == torch.uint8

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ class ConvertResult:
     seconds: float
     # busy seconds per stage (plan, read, quantize, write, ...); read and quantize overlap writing
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # validate=True: the base (F16 reference) first, then this file, as validate.compare reports them
+    validation: Optional[list] = None
+    modelfile: Optional[Path] = None
 
 
 # The make_plan options each method takes; giving another is an error rather than silently ignored.
@@ -138,7 +142,8 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
             device: str = "auto", force: bool = False, plan: Optional[str | Path] = None,
             plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
             allow_pickle: bool = False, split_max_size: Optional[int | str] = None,
-            imatrix: Optional[str | Path] = None, **options: Any) -> ConvertResult:
+            imatrix: Optional[str | Path] = None, validate: bool = False, base: Optional[str | Path] = None,
+            text: Optional[str | Path] = None, ollama_modelfile: bool = False, **options: Any) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder into a GGUF file at `out`.
 
     method: ewq (the default), fastewq, zd or uniform (the default when `type` is given); `options` are
@@ -150,12 +155,24 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
     imatrix: importance-weighted quantization with the vectors of a calibration JSON (`ewq-gguf calibrate`) or of an
     importance matrix file written by llama-imatrix (GGUF or legacy .dat). Methods lim and optimal calibrate on
     the default text first when no `calibration` is given.
+    validate: after writing, compare the file with `base` (default: an F16 conversion of the same checkpoint) on
+    `text` through llama.cpp (result.validation). ollama_modelfile: write an Ollama Modelfile beside the GGUF.
     """
     started = time.perf_counter()
     model = open_checkpoint(model_dir, allow_pickle=allow_pickle)
-    return convert_source(model, out, method, type=type, device=device, force=force, plan=plan, plan_out=plan_out,
-                          dry_run=dry_run, progress=progress, split_max_size=split_max_size, imatrix=imatrix,
-                          calibrate_from=model_dir, started=started, **options)
+    result = convert_source(model, out, method, type=type, device=device, force=force, plan=plan, plan_out=plan_out,
+                            dry_run=dry_run, progress=progress, split_max_size=split_max_size, imatrix=imatrix,
+                            calibrate_from=model_dir, started=started, **options)
+    if dry_run or result.path is None:
+        return result
+    validation = validate_written(model_dir, result.path, base=base, text=text, allow_pickle=allow_pickle,
+                                  progress=progress) if validate else None
+    modelfile = None
+    if ollama_modelfile:
+        from .validate import write_ollama_modelfile
+
+        modelfile = write_ollama_modelfile(result.path)
+    return dataclasses.replace(result, validation=validation, modelfile=modelfile)
 
 
 def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = None, *, type: Optional[str] = None,
@@ -194,6 +211,23 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                          times=times)
     return ConvertResult(written.path, written.bytes, decided.bits_per_weight, decided, time.perf_counter() - started,
                          times)
+
+
+def validate_written(model_dir: str | Path, written: Path, *, base: Optional[str | Path] = None,
+                     text: Optional[str | Path] = None, ctx: int = 512, chunks: Optional[int] = None,
+                     allow_pickle: bool = False, progress: bool = True) -> list:
+    """Compare a freshly written GGUF with a reference through llama.cpp: KLD, top-1 agreement and PPL.
+
+    The reference is `base` when given, else an F16 conversion of the same checkpoint made in a temporary folder
+    beside nothing the user owns (deleted afterwards)."""
+    from .validate import compare as compare_files
+
+    if base is not None:
+        return compare_files(base, [written], text=text, ctx=ctx, chunks=chunks, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="ewq-gguf-reference-") as scratch:
+        reference = Path(scratch) / "reference-f16.gguf"
+        convert(model_dir, reference, "uniform", type="F16", allow_pickle=allow_pickle, progress=progress)
+        return compare_files(reference, [written], text=text, ctx=ctx, chunks=chunks, progress=progress)
 
 
 def calibrate(model_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> Calibration:

@@ -85,13 +85,20 @@ _K_HELP = "EWQ: blocks below mean - k*std of entropy go LOW, below the mean MID,
               help="Also read pytorch_model*.bin checkpoints (torch.load with weights_only=True). Off by default: "
                    "unpickling untrusted files can run code.")
 @click.option("--quiet", is_flag=True, help="No plan table and no progress bars.")
+@click.option("--validate", is_flag=True,
+              help="After writing, compare with an F16 reference (or --base) through llama.cpp: KLD, top-1, PPL.")
+@click.option("--base", "base_file", type=click.Path(dir_okay=False), help="--validate: the reference GGUF.")
+@click.option("--text", "eval_text", type=click.Path(dir_okay=False),
+              help="--validate: evaluation text (default: real text found on this machine).")
+@click.option("--ollama-modelfile", is_flag=True, help="Write an Ollama Modelfile beside OUT.")
 @reports_errors
 def convert(model_dir: str, out: str, method: str | None, type_: str | None, types: str | None, k: float | None,
             fraction: float | None, entropy: str | None, direction: str | None, embed_type: str | None,
             output_type: str | None, analysis_file: str | None, classifier: str | None, calibration: str | None,
             target_size: str | None, target_bpw: float | None, metric: str | None, imatrix_file: str | None,
             device: str, plan_file: str | None, plan_out: str | None, dry_run: bool, force: bool,
-            split_max_size: str | None, allow_pickle: bool, quiet: bool) -> None:
+            split_max_size: str | None, allow_pickle: bool, quiet: bool, validate: bool, base_file: str | None,
+            eval_text: str | None, ollama_modelfile: bool) -> None:
     """Convert the checkpoint in MODEL_DIR to the GGUF file OUT."""
     from .api import convert as convert_api
 
@@ -100,6 +107,7 @@ def convert(model_dir: str, out: str, method: str | None, type_: str | None, typ
              "classifier": classifier, "calibration": calibration, "target_size": target_size,
              "target_bpw": target_bpw, "metric": metric}
     result = convert_api(model_dir, out, method, type=type_, device=device, force=force, plan=plan_file,
+                         validate=validate, base=base_file, text=eval_text, ollama_modelfile=ollama_modelfile,
                          plan_out=plan_out, dry_run=dry_run, progress=not quiet, allow_pickle=allow_pickle,
                          split_max_size=split_max_size, imatrix=imatrix_file,
                          **{key: value for key, value in given.items() if value is not None})
@@ -111,6 +119,12 @@ def convert(model_dir: str, out: str, method: str | None, type_: str | None, typ
     else:
         click.echo(f"wrote {result.path} ({result.bytes:,} bytes, {result.bits_per_weight:.3f} bits per weight, "
                    f"{result.seconds:.1f} s)")
+    if result.validation:
+        from .validate import format_compare_table
+
+        click.echo(format_compare_table(result.validation))
+    if result.modelfile:
+        click.echo(f"Ollama Modelfile: {result.modelfile} (ollama create NAME -f {result.modelfile})")
 
 
 @main.command()
@@ -279,8 +293,10 @@ def compare(base: str, candidates: tuple[str, ...], text: str | None, ctx: int, 
             gpu_layers: int | None, threads: int | None, cache_dir: str | None, plot: str | None,
             as_json: bool) -> None:
     """KL divergence, top-1 agreement and perplexity of CANDIDATES against BASE (its logits are cached)."""
-    from .validate import compare as compare_api, format_compare_table, plot_size_vs_kld
+    from .validate import compare as compare_api, format_compare_table, plot_size_vs_kld, require_matplotlib
 
+    if plot:
+        require_matplotlib()
     reports = compare_api(base, list(candidates), text=text, ctx=ctx, chunks=chunks, gpu_layers=gpu_layers,
                           cache_dir=cache_dir, threads=threads)
     if plot:

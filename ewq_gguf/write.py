@@ -155,11 +155,12 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     finals, temps = writer.final_paths(), writer.format_shard_names(out)
     for final in finals:
         check_output(final, force)
+    times = StageTimes() if times is None else times
     with _SignalGuard().active() as signals:
         try:
-            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals,
-                    StageTimes() if times is None else times)
-            verify(temps, plan)
+            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals, times)
+            with times.measure("verify"):
+                verify(temps, plan)
             signals.check()
             signals.hold()
             _put_in_place(temps, finals, force)
@@ -252,6 +253,10 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
     stop = threading.Event()
 
     def produce() -> None:
+        if device.type == "cpu":
+            # This thread only: float casts are memory-bound and the ggml quantizer brings its own threads, while
+            # torch's intra-op threads on a busy machine made BF16 conversion 2-3x slower (measured).
+            torch.set_num_threads(1)
         try:
             for entry in plan.entries:
                 if stop.is_set():
@@ -293,29 +298,32 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
 
 def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
     """Re-read the written file (or every part of a split) and check each tensor's name, type and size against the
-    plan, and a split's split.* keys against its parts."""
+    plan, that all tensor data the header promises is in the file, and a split's split.* keys against its parts.
+
+    The header is parsed with the project's GGUF header reader (validate.gguf_file), not gguf-py's GGUFReader: the
+    latter builds a numpy view per vocabulary entry and costs seconds on every conversion for the same check.
+    """
+    from .validate.gguf_file import read_gguf
+
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    found: dict[str, gguf.ReaderTensor] = {}
+    found: dict[str, tuple[str, int]] = {}
     for number, path in enumerate(paths):
         try:
-            reader = gguf.GGUFReader(path)
-        except Interrupted:
-            raise
-        except Exception as exc:  # gguf-py raises ValueError and others for malformed files
+            header = read_gguf(path)
+        except InputError as exc:
             raise OutputError(f"the written file does not read back as GGUF ({exc})") from exc
         if len(paths) > 1:
-            split = {key: reader.fields[key].contents() if key in reader.fields else None
-                     for key in (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
-                                 gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)}
-            if list(split.values()) != [number, len(paths), len(plan.entries)]:
+            split = [header.metadata.get(key) for key in (gguf.Keys.Split.LLM_KV_SPLIT_NO,
+                                                           gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+                                                           gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)]
+            if split != [number, len(paths), len(plan.entries)]:
                 raise OutputError(f"part {number + 1} of the split output has wrong split keys {split}")
-        for tensor in reader.tensors:
+        for tensor in header.tensors:
             if tensor.name in found:
                 raise OutputError(f"the written files hold tensor '{tensor.name}' twice")
-            found[tensor.name] = tensor
+            found[tensor.name] = (tensor.type_name, tensor.n_bytes)
     for entry in plan.entries:
-        tensor = found.get(entry.name)
-        if tensor is None or tensor.tensor_type.name != entry.type or int(tensor.n_bytes) != entry.nbytes:
+        if found.get(entry.name) != (entry.type, entry.nbytes):
             raise OutputError(f"the written file does not match the plan at tensor '{entry.name}'")
     if len(found) != len(plan.entries):
         raise OutputError("the written file holds tensors the plan does not name")

@@ -92,18 +92,20 @@ def main() -> None:
              f"({runs['export'][1]['bytes'] / 1e6:.1f} MB); each way in its own process, fastest of {args.repeats}. "
              f"Files byte-identical: {'yes' if identical else 'NO'}.", "",
              "| way | process wall s | peak RSS MiB | RSS after load MiB | load s | save_pretrained s | convert s "
-             "| read s | quantize s | write s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| read s | quantize s | write s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for way, (measured, result, _) in runs.items():
         phases, stages = result["phases"], result["stages"]
         save = f"{phases['save']:.2f}" if "save" in phases else "-"
         lines.append(f"| {way} | {measured.wall_s:.2f} | {measured.peak_rss_mib:.0f} | "
                      f"{result['rss_after_load_mib']:.0f} | {phases['load']:.2f} | {save} | {phases['convert']:.2f} | "
-                     f"{stages.get('read', 0):.2f} | {stages.get('quantize', 0):.2f} | {stages.get('write', 0):.2f} |")
+                     f"{stages.get('read', 0):.2f} | {stages.get('quantize', 0):.2f} | {stages.get('write', 0):.2f} | "
+                     f"{stages.get('verify', 0):.2f} |")
     export, saved = runs["export"], runs["save-convert"]
     lines += ["", f"export / (save_pretrained + convert), time after loading: "
                   f"{export[1]['phases']['convert'] / (saved[1]['phases']['save'] + saved[1]['phases']['convert']):.2f}"
                   f"; peak RSS: {export[0].peak_rss_mib / saved[0].peak_rss_mib:.2f}. read/quantize/write are busy "
-                  "seconds of the writer's threads (reading and quantizing the next tensor overlap writing this one)."]
+                  "seconds of the writer's threads (reading and quantizing the next tensor overlap writing this one); "
+                  "verify re-reads the written file before it is put in place."]
     table = "\n".join(lines)
     print(table)
     if args.results:

@@ -22,6 +22,8 @@ import json
 import os
 import platform
 import re
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,17 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_tools import MeasuredRun, run_measured, tool_path  # noqa: E402
 from results_file import update_section  # noqa: E402
 
-from ewq_gguf.validate.text import load_text  # noqa: E402
-
 REPO_DIR = Path(__file__).resolve().parent.parent
 RESULTS_FILE = REPO_DIR / "docs" / "results.md"
-RESULTS_TITLE = "Perplexity and KL divergence: ewq-gguf vs llama-perplexity"
+RESULTS_TITLE = "Perplexity and KL divergence: ewq-gguf vs llama-perplexity, {threads} thread(s)"
 NUMBER = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
+
+
+@dataclass
+class TimedRun:
+    """A finished run and the CPU seconds (user + system) its process used: on a shared machine CPU time shows the
+    work done, which wall time (what the goal is stated in) hides under other processes' load."""
+
+    run: MeasuredRun
+    cpu_s: float
 
 
 @dataclass
@@ -48,7 +56,7 @@ class Measured:
     """One tool's numbers for one step, with its fastest run."""
 
     values: dict[str, float]
-    run: MeasuredRun
+    timed: TimedRun
 
 
 @dataclass
@@ -58,18 +66,36 @@ class Step:
     before: Callable[[], None] | None = None
 
 
-def run_interleaved(steps: list[Step], repeats: int) -> dict[str, MeasuredRun]:
+def run_timed(command: list[str]) -> TimedRun:
+    # Children's usage grows by exactly this child's when it is reaped; runs are sequential.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = run_measured(command)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return TimedRun(run, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+
+
+def run_interleaved(steps: list[Step], repeats: int) -> dict[str, TimedRun]:
     """Run the steps in order, `repeats` times over, keeping each step's fastest run. Interleaving ours and
     llama.cpp's runs lets both see the same background load on a shared machine."""
-    best: dict[str, MeasuredRun] = {}
+    best: dict[str, TimedRun] = {}
     for _ in range(repeats):
         for step in steps:
             if step.before:
                 step.before()
-            run = run_measured(step.command)
-            if step.name not in best or run.wall_s < best[step.name].wall_s:
-                best[step.name] = run
+            timed = run_timed(step.command)
+            if step.name not in best or timed.run.wall_s < best[step.name].run.wall_s:
+                best[step.name] = timed
     return best
+
+
+def evaluation_text(text: Path | None) -> Path:
+    """The text ewq-gguf would use. Asked in a child process: importing ewq_gguf here would make this process big,
+    and every child forked from it would start with (and report as peak RSS) that size."""
+    code = "import sys; from ewq_gguf.validate.text import load_text; print(load_text(sys.argv[1] or None).source)"
+    found = subprocess.run([sys.executable, "-c", code, str(text or "")], capture_output=True, text=True, cwd=REPO_DIR)
+    if found.returncode != 0:
+        raise SystemExit(found.stderr.strip().splitlines()[-1])
+    return Path(found.stdout.strip())
 
 
 def ours_command(*arguments: str) -> list[str]:
@@ -130,7 +156,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
     args = parser.parse_args()
 
-    text = load_text(args.text).source
+    text = evaluation_text(args.text)
     llama_perplexity = tool_path("llama-perplexity")
     common = ["--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads),
               "--gpu-layers", "0", "--json"]
@@ -163,24 +189,24 @@ def main() -> None:
                                              "--kl-divergence-base", str(base_logits), "--kl-divergence"])]
         runs = run_interleaved(steps, args.repeats)
 
-    ours_report = extract_json(runs["ours perplexity"].output, "{")
+    ours_report = extract_json(runs["ours perplexity"].run.output, "{")
     ours = Measured({"ppl": ours_report["ppl"], "ppl_se": ours_report["ppl_se"]}, runs["ours perplexity"])
     theirs = None
     if llama_perplexity:
-        theirs = Measured(parse_llama(runs["llama perplexity"].output,
+        theirs = Measured(parse_llama(runs["llama perplexity"].run.output,
                                       {"ppl": rf"Final estimate: PPL = {NUMBER}\s*\+/-\s*{NUMBER}"}),
                           runs["llama perplexity"])
     rows = comparison_rows(f"PPL of {args.base.name}", ours, theirs, "ppl", "{:.4f}")
-    rows.append(time_row(f"perplexity wall s ({args.chunks} x {args.ctx} tokens)", ours.run.wall_s,
-                         theirs.run.wall_s if theirs else None))
-    rows.append(rss_row("perplexity peak RSS MiB", ours.run, theirs.run if theirs else None))
+    rows += time_rows(f"perplexity ({args.chunks} x {args.ctx} tokens)", [ours.timed],
+                      [theirs.timed] if theirs else None)
+    rows.append(rss_row("perplexity peak RSS MiB", ours.timed, theirs.timed if theirs else None))
     if args.candidate:
-        candidate_report = extract_json(runs["ours compare cached"].output, "[")[1]
+        candidate_report = extract_json(runs["ours compare cached"].run.output, "[")[1]
         ours_kld = Measured({key: candidate_report[key] for key in ("kld", "kld_se", "kld_p99", "top1", "ppl",
                                                                       "ppl_se")}, runs["ours compare cached"])
         theirs_kld = None
         if llama_perplexity:
-            values = parse_llama(runs["llama kld"].output, {
+            values = parse_llama(runs["llama kld"].run.output, {
                 "ppl": rf"Mean PPL\(Q\)\s*:\s*{NUMBER}\s*±\s*{NUMBER}",
                 "kld": rf"Mean    KLD:\s*{NUMBER}\s*±\s*{NUMBER}",
                 "kld_p99": rf"99\.0%   KLD:\s*{NUMBER}",
@@ -194,12 +220,10 @@ def main() -> None:
         rows += comparison_rows(f"KLD p99 {name}", ours_kld, theirs_kld, "kld_p99", "{:.5f}", with_se=False)
         rows += comparison_rows(f"top-1 agreement {name}", ours_kld, theirs_kld, "top1", "{:.4f}")
         rows += comparison_rows(f"PPL of {name}", ours_kld, theirs_kld, "ppl", "{:.4f}")
-        cold_theirs = runs["llama kld base"].wall_s + runs["llama kld"].wall_s if theirs_kld else None
-        rows.append(time_row("compare wall s, base logits not cached", runs["ours compare cold"].wall_s,
-                             cold_theirs))
-        rows.append(time_row("compare wall s, base logits cached", ours_kld.run.wall_s,
-                             theirs_kld.run.wall_s if theirs_kld else None))
-        rows.append(rss_row("compare peak RSS MiB (cached)", ours_kld.run, theirs_kld.run if theirs_kld else None))
+        rows += time_rows("compare, base logits not cached", [runs["ours compare cold"]],
+                          [runs["llama kld base"], runs["llama kld"]] if theirs_kld else None)
+        rows += time_rows("compare, base logits cached", [ours_kld.timed], [theirs_kld.timed] if theirs_kld else None)
+        rows.append(rss_row("compare peak RSS MiB (cached)", ours_kld.timed, theirs_kld.timed if theirs_kld else None))
 
     table = markdown_table(rows)
     setup = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu_name()}, {os.cpu_count()} logical CPUs, "
@@ -212,7 +236,8 @@ def main() -> None:
     if not args.no_write:
         files = args.base.name + (f" against {args.candidate.name}" if args.candidate else "")
         command = "python scripts/bench_perplexity.py " + " ".join(sys.argv[1:])
-        update_section(RESULTS_FILE, RESULTS_TITLE, f"{files}. {setup}.\n\n{table}", command)
+        update_section(RESULTS_FILE, RESULTS_TITLE.format(threads=args.threads), f"{files}. {setup}.\n\n{table}",
+                       command)
         print(f"updated {RESULTS_FILE}")
 
 
@@ -231,13 +256,19 @@ def comparison_rows(label: str, ours: Measured, theirs: Measured | None, key: st
     return [(label, cell(ours), cell(theirs), f"difference {difference}")]
 
 
-def time_row(label: str, ours_s: float, theirs_s: float | None) -> tuple[str, str, str, str]:
-    ratio = f"ratio {ours_s / theirs_s:.2f}x" if theirs_s else "-"
-    return label, f"{ours_s:.1f}", f"{theirs_s:.1f}" if theirs_s else "-", ratio
+def time_rows(label: str, ours: list[TimedRun], theirs: list[TimedRun] | None) -> list[tuple[str, str, str, str]]:
+    """Wall and CPU seconds of one step (summed over the runs it takes), with the ratio ours / llama.cpp's."""
+    rows = []
+    for kind, seconds in (("wall", lambda timed: timed.run.wall_s), ("CPU", lambda timed: timed.cpu_s)):
+        ours_s = sum(seconds(timed) for timed in ours)
+        theirs_s = sum(seconds(timed) for timed in theirs) if theirs else None
+        rows.append((f"{label}: {kind} s", f"{ours_s:.1f}", f"{theirs_s:.1f}" if theirs_s else "-",
+                     f"ratio {ours_s / theirs_s:.2f}x" if theirs_s else "-"))
+    return rows
 
 
-def rss_row(label: str, ours: MeasuredRun, theirs: MeasuredRun | None) -> tuple[str, str, str, str]:
-    return label, f"{ours.peak_rss_mib:.0f}", f"{theirs.peak_rss_mib:.0f}" if theirs else "-", ""
+def rss_row(label: str, ours: TimedRun, theirs: TimedRun | None) -> tuple[str, str, str, str]:
+    return label, f"{ours.run.peak_rss_mib:.0f}", f"{theirs.run.peak_rss_mib:.0f}" if theirs else "-", ""
 
 
 def markdown_table(rows: list[tuple[str, str, str, str]]) -> str:

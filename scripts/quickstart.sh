@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh devmodel
 .venv/bin/python scripts/make_dev_model.py models/smollm2 --model smollm2
 mkdir -p out
-.venv/bin/ewq-gguf convert models/smollm2 out/smollm2-q8_0.gguf --method uniform --type Q8_0 --force --quiet
-.venv/bin/ewq-gguf inspect out/smollm2-q8_0.gguf | head -3
+.venv/bin/ewq-gguf convert models/smollm2 out/smollm2-ewq.gguf --force --ollama-modelfile
+.venv/bin/ewq-gguf inspect out/smollm2-ewq.gguf | head -3
+.venv/bin/ewq-gguf perplexity out/smollm2-ewq.gguf --chunks 8

@@ -179,3 +179,18 @@ def test_nan_weights_named(model_copy, tmp_path):
 def test_unknown_type(tiny_llama, tmp_path):
     with pytest.raises(InputError, match="supported"):
         convert(tiny_llama, tmp_path / "x.gguf", type="Q9_X", progress=False)
+
+
+def test_validate_and_ollama_modelfile(tiny_llama, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the keeper counted {n} ships on the {n % 7}th evening." for n in range(400)))
+    out = tmp_path / "q8.gguf"
+    result = run_cli("convert", tiny_llama, out, "--type", "Q8_0", "--quiet", "--validate", "--text", text,
+                     "--ollama-modelfile")
+    assert result.returncode == 0, result.stderr
+    assert "kld" in result.stdout.lower() and "Modelfile" in result.stdout
+    modelfile = (tmp_path / "Modelfile") if (tmp_path / "Modelfile").exists() else next(tmp_path.glob("*Modelfile*"))
+    assert "FROM" in modelfile.read_text()
+    reports = convert(tiny_llama, tmp_path / "q8b.gguf", type="Q8_0", progress=False, validate=True, text=text,
+                      base=out).validation
+    assert reports[1].kld == 0.0 and reports[1].top1 == 1.0

@@ -408,6 +408,15 @@ def test_plot_or_a_clear_message_without_matplotlib(tiny_gguf, text_file, cache_
         assert plot_size_vs_kld(reports, png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_plot_without_matplotlib_fails_before_any_work(tiny_gguf, tmp_path):
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    result = CliRunner().invoke(main, ["compare", str(tiny_gguf("F32")), str(tiny_gguf("Q8_0")), "--plot",
+                                       str(tmp_path / "plot.png"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == EwqGgufError.exit_code and "pip install matplotlib" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 def test_format_compare_table_has_a_row_per_file(tiny_gguf, text_file, cache_dir):
     reports = compare(tiny_gguf("F32"), [tiny_gguf("Q8_0")], text=text_file, ctx=CTX, chunks=1, cache_dir=cache_dir,
                       threads=THREADS, progress=False)

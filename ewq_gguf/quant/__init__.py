@@ -81,6 +81,8 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     """
     if rows.dim() != 2:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(rows.shape)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown quantizer backend '{backend}' (one of {', '.join(BACKENDS)})")
     codec = CODECS.get(qtype)
     if codec is None:
         raise ValueError(f"no encoder for {qtype.name}")
@@ -104,12 +106,9 @@ def _uses_ggml(backend: str, device: torch.device) -> bool:
         return False
     if backend == "auto":
         return device.type == "cpu" and ggml_backend.available()
-    if backend == "ggml":
-        if device.type != "cpu":
-            raise EwqGgufError(f"the ggml quantizer runs on the CPU only, not on {device} (use the torch quantizer)")
-        ggml_backend.library_path()  # a missing library raises EwqGgufError, saying why
-        return True
-    raise ValueError(f"unknown quantizer backend '{backend}' (one of {', '.join(BACKENDS)})")
+    if device.type != "cpu":
+        raise EwqGgufError(f"the ggml quantizer runs on the CPU only, not on {device} (use the torch quantizer)")
+    return True  # a missing library raises EwqGgufError in ggml_backend, saying why
 
 
 def dequantize(data: torch.Tensor, qtype: QType, n_per_row: int) -> torch.Tensor:

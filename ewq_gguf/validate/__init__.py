@@ -2,7 +2,13 @@
 
 This package reads GGUF files only and never imports the converter, so it judges any GGUF, ours or llama.cpp's.
 """
-from ewq_gguf.validate.compare import CompareReport, compare, format_compare_table, plot_size_vs_kld
+from ewq_gguf.validate.compare import (
+    CompareReport,
+    compare,
+    format_compare_table,
+    plot_size_vs_kld,
+    require_matplotlib,
+)
 from ewq_gguf.validate.modelfile import write_ollama_modelfile
 from ewq_gguf.validate.perplexity import PerplexityReport, format_perplexity, perplexity
 
@@ -14,5 +20,6 @@ __all__ = [
     "format_perplexity",
     "perplexity",
     "plot_size_vs_kld",
+    "require_matplotlib",
     "write_ollama_modelfile",
 ]

@@ -154,14 +154,20 @@ def format_compare_table(reports: list[CompareReport]) -> str:
     return "\n".join(lines)
 
 
-def plot_size_vs_kld(reports: list[CompareReport], path: str | Path) -> Path:
-    """Save a PNG of mean KLD (with its standard error) against file size, one labelled point per candidate."""
+def require_matplotlib():
+    """matplotlib's pyplot on a file-only backend; checked before a long comparison whose plot is wanted."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise EwqGgufError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from exc
+    return plt
+
+
+def plot_size_vs_kld(reports: list[CompareReport], path: str | Path) -> Path:
+    """Save a PNG of mean KLD (with its standard error) against file size, one labelled point per candidate."""
+    plt = require_matplotlib()
     candidates = [report for report in reports if not report.is_base]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     sizes = [report.bytes / 2**20 for report in candidates]
@@ -175,9 +181,9 @@ def plot_size_vs_kld(reports: list[CompareReport], path: str | Path) -> Path:
     base = next((report for report in reports if report.is_base), None)
     axes.set_xlabel("file size (MiB)")
     axes.set_ylabel("mean KL divergence to the base (nats)")
-    title_base = f" vs {Path(base.file).name}" if base else ""
-    axes.set_title(f"size vs KLD{title_base}, {candidates[0].chunks} x {candidates[0].ctx} tokens"
-                   if candidates else "size vs KLD")
+    title_base = f" to {Path(base.file).name}" if base else ""
+    axes.set_title(f"KLD{title_base} vs file size, {candidates[0].chunks} x {candidates[0].ctx} tokens"
+                   if candidates else f"KLD{title_base} vs file size")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     path = Path(path)

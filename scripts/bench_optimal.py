@@ -34,7 +34,7 @@ from ewq_gguf.imatrix import ImportanceMatrix  # noqa: E402
 from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld  # noqa: E402
 from ewq_gguf.plan.reuse import plan_from_file  # noqa: E402
 from ewq_gguf.source.model import open_checkpoint  # noqa: E402
-from ewq_gguf.validate import compare  # noqa: E402
+from ewq_gguf.validate import CompareReport, compare  # noqa: E402
 
 DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 PEER_MIXES = ("Q4_K_M", "Q3_K_M")
@@ -127,9 +127,7 @@ def main() -> None:
         step(path, lambda: convert(args.model, path, "uniform", type=qtype, progress=False))
         rows.append((f"ours uniform {qtype}", path, "ours", False, "plain"))
 
-    reports = compare(base, [row[1] for row in rows], text=eval_text, ctx=args.ctx, chunks=args.chunks,
-                      cache_dir=work / "cache", progress=False)
-    measured = {Path(report.file).name: report for report in reports[1:]}
+    measured = scored(base, [row[1] for row in rows], eval_text, args, work)
     predictions = {metric: [None if variant is None else predicted_kld(plan_from_file(model, path), calibration,
                                                                        variant, metric)
                             for _, path, _, _, variant in rows] for metric in METRICS}
@@ -146,6 +144,27 @@ def imatrix_agreement(ours: ImportanceMatrix, theirs: ImportanceMatrix) -> str:
     return (f"{len(shared)} weights in both (llama-imatrix leaves out the token embedding / tied head); "
             f"correlation of the vectors: median {np.median(correlations):.4f}, min {min(correlations):.4f}; "
             f"ratio of means ours/theirs: median {np.median(ratios):.3f}, range {min(ratios):.3f}..{max(ratios):.3f}")
+
+
+def scored(base: Path, files: list[Path], eval_text: Path, args, work: Path) -> dict[str, CompareReport]:
+    """File name -> its compare report; reports are kept in --work/reports.json, keyed by file size, modification
+    time and evaluation settings, so that re-running the script after a change elsewhere scores only new files."""
+    store = work / "reports.json"
+    kept = json.loads(store.read_text()) if store.exists() else {}
+    settings = f"{args.ctx}x{args.chunks}"
+
+    def key(path: Path) -> str:
+        return f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}:{settings}"
+
+    missing = [path for path in files if key(path) not in kept]
+    if missing:
+        reports = compare(base, missing, text=eval_text, ctx=args.ctx, chunks=args.chunks, cache_dir=work / "cache",
+                          progress=False)
+        for path, report in zip(missing, reports[1:]):
+            kept[key(path)] = {**report.to_dict(), "is_base": False, "text": report.text, "ctx": report.ctx,
+                               "chunks": report.chunks}
+        store.write_text(json.dumps(kept, indent=1))
+    return {path.name: CompareReport(**kept[key(path)]) for path in files}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -14,12 +14,37 @@ an EwqGgufError: InputError (UnsupportedArchitectureError) or OutputError.
 """
 __version__ = "0.1.0"
 
-from .analyse import Analysis
-from .api import ConvertResult, convert
+import importlib
+
 from .errors import EwqGgufError, InputError, OutputError, UnsupportedArchitectureError
+# Loading the (light) planners' package now binds `ewq_gguf.plan` to it once; a later import of it would rebind the
+# name over the function `plan`, so the name is freed below and served by __getattr__.
 from .plan import Plan, PlanEntry
-from .validate import CompareReport, PerplexityReport, compare, perplexity
-from .live_api import analyze, export, plan  # last: the function `plan` takes the name the planners' package had
+
+# Everything else loads on first use: a command such as `ewq-gguf perplexity` or `inspect` never needs torch or
+# transformers, whose import alone costs seconds.
+_LAZY_EXPORTS = {
+    "Analysis": "analyse",
+    "CompareReport": "validate",
+    "ConvertResult": "api",
+    "PerplexityReport": "validate",
+    "analyze": "live_api",
+    "compare": "validate",
+    "convert": "api",
+    "export": "live_api",
+    "perplexity": "validate",
+    "plan": "live_api",
+}
+del plan
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Analysis",

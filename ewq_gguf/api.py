@@ -16,7 +16,8 @@ from .device import resolve_device
 from .calibrate import Calibration, load_importance
 from .errors import InputError
 from .imatrix import ImportanceMatrix
-from .plan import Plan, uniform_plan
+from .plan import Plan
+from .plan.uniform import uniform_plan
 from .plan import ewq as ewq_method, lim as lim_method, optimal as optimal_method, zd as zd_method
 from .plan.fastewq import Classifier, fastewq_plan
 from .plan.reuse import plan_from_file

@@ -220,13 +220,16 @@ def main() -> None:
                                              f"{weight_bytes / converted.wall_s / GB:.3f} GB/s of checkpoint, "
                                              f"{n_params / converted.wall_s / 1e6:.1f} M parameters/s; "
                                              f"peak RSS {converted.peak_rss_mib:.0f} MiB"),
+            ("convert / read pass", f"{converted.wall_s / read.wall_s:.2f}x (process wall times)"),
             ("output", f"{len(parts)} file(s), {out_bytes / GB:.2f} GB"),
             ("peak RSS within bound", "yes" if max(read.peak_rss_mib, converted.peak_rss_mib) < bound_mib else "NO"),
         ]
         table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
         print(table)
         if args.results:
-            update_section(args.results, "Large checkpoint", table + f"\n\nMachine: {_machine()}.",
+            plan = f"--method {args.method}" if args.method else f"uniform {args.type or 'Q8_0'}"
+            where = "CUDA" if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+            update_section(args.results, f"Large checkpoint, {plan}, {where}", table + f"\n\nMachine: {_machine()}.",
                            command="python scripts/bench_large.py " + " ".join(sys.argv[1:]))
     finally:
         if not args.keep:

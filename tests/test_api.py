@@ -38,6 +38,19 @@ def test_public_names_are_documented_and_typed():
         assert issubclass(error, EwqGgufError)
 
 
+def test_import_and_validation_commands_do_not_load_torch():
+    # `ewq-gguf perplexity` / `inspect` start in a fraction of a second only if torch (~2 s to import) stays out
+    script = (
+        "import sys, ewq_gguf, ewq_gguf.cli, ewq_gguf.validate, ewq_gguf.inspect\n"
+        "assert callable(ewq_gguf.perplexity) and callable(ewq_gguf.compare)\n"
+        "heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+        "import ewq_gguf.plan.optimal\n"
+        "assert ewq_gguf.plan.__module__ == 'ewq_gguf.live_api', ewq_gguf.plan\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+
+
 def test_plan_function_leaves_the_planners_importable():
     from ewq_gguf.plan import Plan as PackagePlan
     from ewq_gguf.plan.ewq import ewq_plan

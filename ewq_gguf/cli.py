@@ -70,12 +70,14 @@ _K_HELP = "EWQ: blocks below mean - k*std of entropy go LOW, below the mean MID,
                    "[default: weighted]")
 @click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False),
               help="Importance-weighted quantization (any method) with the vectors of a calibration JSON or of a "
-                   "llama-imatrix file (GGUF or legacy .dat).")
+                   "llama-imatrix file (GGUF or legacy .dat); 'unit': equal importance for every column, no data "
+                   "needed (ggml's error-minimizing search, lower error than plain encoding at the same size).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Reuse a plan: a plan JSON, or a GGUF file whose per-tensor types are copied.")
 @click.option("--plan-out", type=click.Path(dir_okay=False),
-              help="Save the plan: JSON, or FILE.txt as a llama-quantize --tensor-type-file recipe.")
+              help="Save the plan: JSON, or FILE.txt as a recipe for `llama-quantize --tensor-type-file FILE.txt "
+                   "F32.gguf OUT.gguf Q8_0` (any quantized base type; llama-quantize ignores the file for F16).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the exact output size; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--split-max-size", help="Split the output into llama.cpp's OUT-00001-of-0000N.gguf parts of at most "

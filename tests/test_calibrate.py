@@ -180,6 +180,45 @@ def test_imatrix_conversion_matches_llama_quantize(calibration, tmp_path, tiny_l
             assert bytes(tensor.data) == theirs_tensors[tensor.name], tensor.name
 
 
+def test_unit_importance_is_llama_quantizes_search_and_lowers_the_error(tiny_llama, tiny_gguf, tmp_path):
+    """--imatrix unit: the bytes llama-quantize writes given an all-ones imatrix, with less error than plain Q4_0."""
+    model = open_checkpoint(tiny_llama)
+    unit = load_importance("unit", model)
+    assert unit.unit and set(unit.sums) == {spec.name for spec in model.specs if spec.is_matrix}
+    ours = convert(tiny_llama, tmp_path / "unit.gguf", "uniform", type="Q4_0", imatrix="unit", progress=False)
+    plain = convert(tiny_llama, tmp_path / "plain.gguf", "uniform", type="Q4_0", progress=False)
+    ours_tensors = {t.name: t for t in gguf.GGUFReader(ours.path).tensors}
+    plain_tensors = {t.name: t for t in gguf.GGUFReader(plain.path).tensors}
+    errors = {"unit": 0.0, "plain": 0.0}
+    for name, tensor in ours_tensors.items():
+        if tensor.tensor_type != QType.Q4_0:
+            continue
+        source = model.load(model.by_name[name]).float().numpy()
+        for label, tensors in (("unit", ours_tensors), ("plain", plain_tensors)):
+            values = gguf.quants.dequantize(tensors[name].data, QType.Q4_0).reshape(source.shape)
+            errors[label] += float(((values - source) ** 2).sum())
+    assert errors["unit"] < 0.95 * errors["plain"], errors
+    if LLAMA_QUANTIZE.exists():
+        theirs = tmp_path / "theirs.gguf"
+        subprocess.run([LLAMA_QUANTIZE, "--pure", "--imatrix", unit.save(tmp_path / "unit.imatrix.gguf"),
+                        tiny_gguf("F32"), theirs, "Q4_0", "1"], check=True, capture_output=True)
+        for tensor in gguf.GGUFReader(theirs).tensors:
+            if tensor.tensor_type == QType.Q4_0:
+                assert bytes(tensor.data) == bytes(ours_tensors[tensor.name].data), tensor.name
+    with pytest.raises(InputError, match="needs the model"):
+        load_importance("unit")
+
+
+def test_optimal_plan_with_unit_importance_measures_its_own_errors(calibration, tiny_llama, tmp_path):
+    options = dict(calibration=calibration, target_bpw=5.0, types="Q4_0,Q5_0,Q8_0,F16", dry_run=True,
+                   progress=False)
+    unit = convert(tiny_llama, tmp_path / "unit.gguf", "optimal", imatrix="unit", **options).plan
+    plain = convert(tiny_llama, tmp_path / "plain.gguf", "optimal", **options).plan
+    assert unit.params["imatrix"] == "unit" and plain.params["imatrix"] == "plain"
+    # the searched encoders err less, so the same budget predicts a smaller KL divergence
+    assert unit.params["predicted_kld"] < plain.params["predicted_kld"]
+
+
 def test_optimal_plan_fits_the_file_size_and_records_predictions(calibration, tiny_llama, tmp_path):
     target = 1_100_000
     result = convert(tiny_llama, tmp_path / "optimal.gguf", "optimal", calibration=calibration, target_size=target,

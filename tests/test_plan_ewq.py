@@ -3,7 +3,10 @@ planning that provably reads no tensor data, the shipped classifier, and the CLI
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,6 +21,7 @@ from ewq_gguf.inspect import format_inspection, inspect_gguf
 from ewq_gguf.plan import Plan
 from ewq_gguf.plan.ewq import ewq_tiers, z_scores
 from ewq_gguf.plan.fastewq import FEATURES, Classifier, block_features, train
+from ewq_gguf.plan.plan import recipe_pattern
 from ewq_gguf.plan.tiers import TierTypes
 from ewq_gguf.plan.zd import least_important_first, zd_low_count
 from ewq_gguf.source.checkpoint import Checkpoint
@@ -159,6 +163,48 @@ def test_dry_run_size_is_exact(tiny_llama, tmp_path):
         assert not out.exists()
         written = convert(tiny_llama, out, method, analysis=analysis, progress=False)
         assert planned.bytes == written.bytes == out.stat().st_size
+
+
+# --- llama-quantize recipe -----------------------------------------------------------------------------------------
+LLAMA_QUANTIZE = Path(__file__).resolve().parent.parent / "vendor" / "build" / "bin" / "llama-quantize"
+
+
+def recipe_types(recipe: str, names: list[str]) -> dict[str, str]:
+    """The type llama-quantize gives each name: that of the first recipe line whose pattern is found in the name."""
+    rules = [(re.compile(pattern), qtype) for pattern, _, qtype in (line.partition("=") for line in recipe.split())]
+    return {name: next((qtype.upper() for rule, qtype in rules if rule.search(name)), "none") for name in names}
+
+
+def test_recipe_names_each_tensor_exactly(tiny_model):
+    plan = make_plan(tiny_model, "zd", analysis=made_analysis(tiny_model, zd=[0.16, 0.15]), fraction=0.5)
+    recipe = plan.to_recipe()
+    matrices = [entry for entry in plan.entries if len(entry.shape) >= 2]
+    # the case an unanchored name gets wrong: output.weight is listed before an attn_output of another type
+    order = [entry.name for entry in matrices]
+    assert order.index("output.weight") < order.index("blk.0.attn_output.weight")
+    assert plan.by_name()["output.weight"].type != plan.by_name()["blk.0.attn_output.weight"].type
+    assert recipe_types(recipe, order) == {entry.name: entry.type for entry in matrices}
+    assert len(recipe.split()) == len(matrices)          # 1-D tensors are not listed
+    assert recipe_pattern("blk.0.attn_q.weight") == r"^blk\.0\.attn_q\.weight$"
+    assert re.fullmatch(recipe_pattern("a+b(c)[d]{e}|f?g*h^i$j\\k"), "a+b(c)[d]{e}|f?g*h^i$j\\k")
+
+
+@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built")
+def test_llama_quantize_applies_recipe(tiny_model, tiny_llama, tiny_gguf, tmp_path):
+    """llama-quantize --tensor-type-file with our recipe writes every tensor in our type, with our bytes."""
+    recipe, theirs = tmp_path / "recipe.txt", tmp_path / "theirs.gguf"
+    ours = convert(tiny_llama, tmp_path / "ours.gguf", "zd", analysis=made_analysis(tiny_model, zd=[0.16, 0.15]),
+                   fraction=0.5, plan_out=recipe, progress=False)
+    subprocess.run([LLAMA_QUANTIZE, "--tensor-type-file", recipe, tiny_gguf("F32"), theirs, "Q8_0", "1"],
+                   check=True, capture_output=True)
+    theirs_tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(theirs).tensors}
+    ours_tensors = gguf.GGUFReader(ours.path).tensors
+    assert {tensor.name for tensor in ours_tensors} == set(theirs_tensors)
+    assert len({tensor.tensor_type for tensor in ours_tensors}) >= 3
+    for tensor in ours_tensors:
+        other = theirs_tensors[tensor.name]
+        assert other.tensor_type == tensor.tensor_type, tensor.name
+        assert bytes(other.data) == bytes(tensor.data), tensor.name
 
 
 # --- metadata only -------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .entropy import HISTOGRAM_BINS, BlockLayout, MatrixEntropy, block_entropies
 from .zd import zd_threshold
 
 ANALYSIS_FORMAT = 1
+READ_THREADS = 4  # a block's tensors are read (file -> memory -> device) in parallel: one reader leaves the GPU idle
 # Block statistics an Analysis holds; the first two are the entropy readings EWQ can rank by.
 ENTROPY_STATISTICS = ("softmax", "histogram")
 STATISTICS = ENTROPY_STATISTICS + ("softmax_normalized", "zd")
@@ -160,8 +161,9 @@ def analyze(model: SourceModel | str | Path, *, device: str | torch.device = "au
     results = []
     bar = progress_bar(total=sum(spec.numel for specs in blocks.values() for spec in specs), desc="analysing", unit="w", unit_scale=True,
                        enabled=progress)
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewq-analyse-read") as pool:
-        loaded = _read_ahead(pool, model, list(blocks.values()), target)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewq-analyse-next") as pool, \
+            ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ewq-analyse-read") as readers:
+        loaded = _read_ahead(pool, readers, model, list(blocks.values()), target)
         for (index, block_specs), tensors in zip(blocks.items(), loaded):
             names = [spec.name for spec in block_specs]
             layout = BlockLayout(tensors)
@@ -173,12 +175,13 @@ def analyze(model: SourceModel | str | Path, *, device: str | torch.device = "au
                     seconds=round(time.perf_counter() - started, 3))
 
 
-def _read_ahead(pool: ThreadPoolExecutor, model: SourceModel, blocks: Sequence[Sequence[TensorSpec]],
-                device: torch.device) -> Iterator[list[torch.Tensor]]:
+def _read_ahead(pool: ThreadPoolExecutor, readers: ThreadPoolExecutor, model: SourceModel,
+                blocks: Sequence[Sequence[TensorSpec]], device: torch.device) -> Iterator[list[torch.Tensor]]:
     """Each block's tensors on `device`, in order; the next block is read (and copied) while this one is measured.
-    A block at a time, not a tensor: fewer hand-overs between the threads."""
+    A block at a time, not a tensor: fewer hand-overs between the threads. File reads and host-to-device copies
+    release the GIL, so the readers overlap each other too."""
     def read(specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
-        return [model.load(spec).to(device) for spec in specs]
+        return list(readers.map(lambda spec: model.load(spec).to(device), specs))
 
     pending: Optional[Future] = pool.submit(read, blocks[0]) if blocks else None
     for position in range(len(blocks)):

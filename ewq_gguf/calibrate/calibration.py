@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InputError
-from ..imatrix import ImportanceMatrix
+from ..imatrix import UNIT, ImportanceMatrix
 from ..source.model import SourceModel
 
 CALIBRATION_FORMAT = 1
@@ -137,8 +137,13 @@ def is_calibration_file(path: str | Path) -> bool:
 
 
 def load_importance(path: str | Path, model: Optional[SourceModel] = None) -> ImportanceMatrix:
-    """The importance matrix of a calibration JSON, or an importance matrix file (llama-imatrix GGUF or .dat).
-    With `model`, each vector must fit the input width of the weight it names."""
+    """The importance matrix of a calibration JSON, or an importance matrix file (llama-imatrix GGUF or .dat), or
+    the unit matrix of `model`'s weights when `path` is "unit". With `model`, each vector must fit the input width of
+    the weight it names."""
+    if str(path) == UNIT:
+        if model is None:
+            raise InputError("the unit importance matrix needs the model whose weights it covers")
+        return ImportanceMatrix.unit_for({spec.name: spec.shape[-1] for spec in model.specs if spec.is_matrix})
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: importance matrix file not found")

@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
 from ..calibrate import Calibration
 from ..errors import InputError
 from ..imatrix import ImportanceMatrix
-from ..quant import CODECS, can_hold, tensor_nbytes
+from ..quant import CODECS, effective_type, tensor_nbytes
 from ..source.model import SourceModel
 from .entries import entry_for
 from .plan import Plan
@@ -111,9 +111,25 @@ def parse_candidates(text: Optional[str]) -> list[QType]:
     return [type_named(name) for name in text.split(",") if name.strip()]
 
 
+def stored_types(candidates: Sequence[QType], n_per_row: int) -> dict[QType, QType]:
+    """Type actually stored -> the candidate asked for, for rows of n_per_row: a candidate the rows cannot hold is
+    stored as llama.cpp's fallback for it (so a k-quant-only candidate set still plans 576-wide rows), and two
+    candidates stored alike are one choice. Candidates llama.cpp has no fallback for are left out."""
+    stored: dict[QType, QType] = {}
+    for qtype in candidates:
+        try:
+            effective = effective_type(qtype, n_per_row)
+        except ValueError:
+            continue
+        if effective == qtype or effective not in stored:
+            stored[effective] = qtype
+    return stored
+
+
 def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict[str, dict[str, list[float]]],
                       candidates: Sequence[QType], metric: str) -> dict[str, list[Choice]]:
-    """Per optimised weight, its candidate types (those its rows can hold and whose error was measured)."""
+    """Per optimised weight, its choices: the types its candidates are stored as (see stored_types) whose error
+    was measured."""
     column = METRICS.index(metric)
     choices = {}
     for spec in model.specs:
@@ -121,10 +137,11 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
             continue
         measured = errors.get(spec.name, {})
         options = []
-        for qtype in candidates:
-            if qtype.name in measured and can_hold(qtype, spec.shape[-1]):
-                t2 = measured[qtype.name][column]
-                options.append(Choice(qtype, padded(tensor_nbytes(qtype, spec.shape)), t2, alphas[spec.name] * t2))
+        for effective, qtype in stored_types(candidates, spec.shape[-1]).items():
+            if effective.name in measured:
+                t2 = measured[effective.name][column]
+                options.append(Choice(qtype, padded(tensor_nbytes(effective, spec.shape)), t2,
+                                      alphas[spec.name] * t2))
         if not options:
             raise InputError(f"none of the candidate types ({', '.join(t.name for t in candidates)}) can hold "
                              f"'{spec.name}' (rows of {spec.shape[-1]})")
@@ -197,13 +214,15 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
     specs = [spec for spec in model.specs if spec.is_matrix and spec.name in alphas]
     variant = _cached_variant(calibration, importance)
     cached = calibration.errors.get(variant, {}) if variant else {}
-    if all(all(qtype.name in cached.get(spec.name, {}) for qtype in candidates if can_hold(qtype, spec.shape[-1]))
+    if all(all(qtype.name in cached.get(spec.name, {}) for qtype in stored_types(candidates, spec.shape[-1]))
            for spec in specs):
         errors = cached
     else:
         vectors = calibration.imatrix.vectors()
         quant_vectors = importance.vectors() if importance is not None else {}
-        errors = error_table(model, specs, candidates, quant_vectors.get, vectors.get,
+        measured_types = list(dict.fromkeys(qtype for spec in specs for qtype in stored_types(candidates,
+                                                                                             spec.shape[-1])))
+        errors = error_table(model, specs, measured_types, quant_vectors.get, vectors.get,
                              sample=calibration.error_sample or DEFAULT_SAMPLE,
                              device=device or torch.device("cpu"), progress=progress)
     choices = candidate_choices(model, alphas, errors, candidates, metric)
@@ -223,9 +242,12 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
 
 def _cached_variant(calibration: Calibration, importance: Optional[ImportanceMatrix]) -> Optional[str]:
     """Which of the calibration's error tables describes quantization with `importance`: "plain" without one,
-    "imatrix" with the calibration's own, None for another importance matrix."""
+    "imatrix" with the calibration's own, "unit" for the unit matrix (measured when needed), None for another
+    importance matrix."""
     if importance is None:
         return "plain"
+    if importance.unit:
+        return "unit"
     own = calibration.imatrix
     same = own.sums.keys() == importance.sums.keys() and all(
         np.array_equal(own.vector(name), importance.vector(name)) for name in own.sums)

@@ -7,6 +7,7 @@ exports as a llama-quantize --tensor-type-file recipe, and is stored in the outp
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,17 @@ from typing import Any, Optional
 from ..errors import InputError
 
 PLAN_FORMAT = 1
+
+# llama-quantize reads each recipe name as an ECMAScript regular expression that it searches for in tensor names, and
+# the first line that matches wins; these characters must be escaped to stand for themselves
+_REGEX_SPECIAL = re.compile(r"[\\^$.|?*+()\[\]{}]")
+
+
+def recipe_pattern(name: str) -> str:
+    """A --tensor-type-file pattern that matches the tensor `name` and no other: escaped and anchored at both ends.
+
+    Unanchored, an `output.weight` line would also claim every `blk.N.attn_output.weight` listed after it."""
+    return "^" + _REGEX_SPECIAL.sub(lambda match: "\\" + match.group(), name) + "$"
 
 
 @dataclass
@@ -114,8 +126,10 @@ class Plan:
         path.write_text(self.to_recipe() if path.suffix == ".txt" else self.to_json())
 
     def to_recipe(self) -> str:
-        """`name=type` per quantized tensor, the format of llama-quantize --tensor-type-file."""
-        lines = [f"{entry.name}={entry.type.lower()}" for entry in self.entries if len(entry.shape) >= 2]
+        """`^name$=type` per matrix, for llama-quantize --tensor-type-file (with a quantized base type, since it
+        applies the file only then). 1-D tensors are left out: llama-quantize never converts them."""
+        lines = [f"{recipe_pattern(entry.name)}={entry.type.lower()}" for entry in self.entries
+                 if len(entry.shape) >= 2]
         return "\n".join(lines) + "\n"
 
     # --- display -----------------------------------------------------------------------------------------------

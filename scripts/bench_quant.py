@@ -2,13 +2,16 @@
 
 Columns: ggml's own encoder through ctypes on one thread (what llama-quantize runs per thread); our torch encoders
 on the CPU (torch's default threads); quantize(backend="auto") on the CPU (ggml's encoders on a thread per CPU);
-our torch encoders on CUDA when a GPU is present. Every column's bytes are checked against ggml's.
+quantize(backend="auto") on CUDA when a GPU is present, the path conversions take there (the fused Triton kernels
+for the types they cover when triton is installed, our torch encoders otherwise). Every column's bytes are checked
+against ggml's.
 
     python scripts/bench_quant.py [--rows 4096] [--columns 4096] [--types Q4_K,Q6_K] [--results docs/results.md]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import sys
@@ -33,6 +36,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def _triton_version() -> str:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _best_seconds(run, repeat: int, synchronize=lambda: None) -> tuple[float, torch.Tensor]:
@@ -70,7 +80,7 @@ def main() -> None:
     device = f"{_cpu_name()}, {cpus} CPUs" + (f"; {torch.cuda.get_device_name()}" if cuda else "")
     load_before = os.getloadavg()
     header = ["type", "imatrix", "ggml 1 thread", f"torch CPU ({torch.get_num_threads()} thr)",
-              f"auto CPU ({cpus} thr)"] + (["torch CUDA"] if cuda else []) + ["torch/ggml", "auto/ggml", "same bytes"]
+              f"auto CPU ({cpus} thr)"] + (["auto CUDA"] if cuda else []) + ["torch/ggml", "auto/ggml", "same bytes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print(f"{args.rows}x{args.columns} float32 ({megabytes:.0f} MB) on {device}", flush=True)
     print(lines[0], flush=True)
@@ -85,9 +95,9 @@ def main() -> None:
             same = torch.equal(ours, reference) and torch.equal(auto, reference)
             speeds = [megabytes / ggml_s, megabytes / torch_s, megabytes / auto_s]
             if cuda:
-                quantize(rows_cuda, qtype, weights_cuda, backend="torch")  # warm-up: kernels, allocator
-                cuda_s, on_gpu = _best_seconds(lambda: quantize(rows_cuda, qtype, weights_cuda, backend="torch"),
-                                               args.repeat, torch.cuda.synchronize)
+                quantize(rows_cuda, qtype, weights_cuda)  # warm-up: compilation, allocator
+                cuda_s, on_gpu = _best_seconds(lambda: quantize(rows_cuda, qtype, weights_cuda), args.repeat,
+                                               torch.cuda.synchronize)
                 same = same and torch.equal(on_gpu.cpu(), reference)
                 speeds.append(megabytes / cuda_s)
             cells = [qtype.name, "yes" if weights is not None else "no"] + [f"{speed:.1f}" for speed in speeds]
@@ -97,7 +107,8 @@ def main() -> None:
     load_after = os.getloadavg()
     notes = [f"{args.rows}x{args.columns} float32 input ({megabytes:.0f} MB), N(0, 0.02); MB/s of float32 input, "
              f"best of {args.repeat}. Device: {device}. Load average (1 min) {load_before[0]:.2f} before, "
-             f"{load_after[0]:.2f} after. torch {torch.__version__}.",
+             f"{load_after[0]:.2f} after. torch {torch.__version__}"
+             + (f", triton {_triton_version()}." if cuda else "."),
              "\"same bytes\": every column's output equals ggml_quantize_chunk's, byte for byte."]
     table = "\n".join(notes + [""] + lines)
     print("\n".join(notes))

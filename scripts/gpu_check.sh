@@ -5,7 +5,8 @@
 # evaluation text; then run with .device carried, one stage per call (each fits the 10-minute limit):
 #   bash scripts/gpu_check.sh ppl     CUDA build of llama-cpp-python (background) while a smollm2-shaped model is
 #                                     trained for a minute on half of the text; analysis vs read; PPL GPU vs CPU
-#   bash scripts/gpu_check.sh large   8 GB synthetic Llama converted with EWQ on CUDA; analysis vs read on it
+#   bash scripts/gpu_check.sh large   8 GB synthetic Llama converted with EWQ on CUDA and on the CPU; analysis vs
+#                                     read on it
 # Installs go to /tmp (kept between calls while the machine stays warm; files under the repository are not).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -91,5 +92,8 @@ large)
     --tokenizer-from .device/smollm2-meta --results "$OUT/large.md"
   echo "== analysis vs reading the same tensors (8 GB checkpoint, page cache warm)"
   python3 scripts/bench_analyze.py /tmp/large/synthetic-llama --device cuda --repeat 2
+  echo "== the same conversion on the CPU (16 cores)"
+  python3 scripts/bench_large.py --folder /tmp/large-cpu --method ewq --device cpu \
+    --tokenizer-from .device/smollm2-meta --results "$OUT/large-cpu.md"
   ;;
 esac

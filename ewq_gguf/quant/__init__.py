@@ -4,12 +4,14 @@ Pure by design: this package knows no file, model or plan. One codec module per 
 encoders in ``CODECS``; everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
 derived here from gguf-py's block table so that planners can ask for sizes without producing bytes.
 
-Two backends give the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
-ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads and
-torch otherwise.
+Every backend gives the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
+ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads; on
+CUDA it takes the fused Triton kernels of triton_kernels for the types they cover, when triton is importable (it
+is no dependency; the module is imported on first CUDA use only), and the torch codecs otherwise.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -98,6 +100,12 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
         importance = importance.to(rows.device, torch.float32).contiguous() if codec.uses_importance else None
     if use_ggml:
         return ggml_backend.quantize(rows, qtype, importance, threads)
+    if backend == "auto":
+        kernels = _fused_kernels(rows.device, qtype)
+        if kernels is not None:
+            encoded = kernels.quantize(rows, qtype, importance)
+            if encoded is not None:  # None: input outside what the kernels match (non-finite values)
+                return encoded
     return codec.quantize(rows, importance)
 
 
@@ -109,6 +117,23 @@ def _uses_ggml(backend: str, device: torch.device) -> bool:
     if device.type != "cpu":
         raise EwqGgufError(f"the ggml quantizer runs on the CPU only, not on {device} (use the torch quantizer)")
     return True  # a missing library raises EwqGgufError in ggml_backend, saying why
+
+
+def _fused_kernels(device: torch.device, qtype: QType):
+    """The triton_kernels module when it encodes qtype on device (CUDA, triton importable), else None."""
+    if device.type != "cuda":
+        return None
+    kernels = _triton_kernels()
+    return kernels if kernels is not None and qtype in kernels.TYPES else None
+
+
+@lru_cache(maxsize=1)
+def _triton_kernels():
+    try:
+        from . import triton_kernels
+    except ImportError:  # no triton, or one too old: the torch codecs encode on CUDA too
+        return None
+    return triton_kernels
 
 
 def dequantize(data: torch.Tensor, qtype: QType, n_per_row: int) -> torch.Tensor:

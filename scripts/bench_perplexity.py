@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_tools import MeasuredRun, run_measured, tool_path  # noqa: E402
-from results_file import update_section  # noqa: E402
+from results_file import cpu_name, update_section  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 RESULTS_FILE = REPO_DIR / "docs" / "results.md"
@@ -132,16 +131,6 @@ def plain_text_file(source: Path, folder: Path) -> Path:
     plain = folder / source.stem
     plain.write_bytes(gzip.decompress(source.read_bytes()))
     return plain
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

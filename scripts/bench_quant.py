@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,19 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from results_file import update_section  # noqa: E402
+from results_file import cpu_name, update_section  # noqa: E402
 
 from ewq_gguf.quant import CODECS, QType, floats, ggml_backend, quantize  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _triton_version() -> str:
@@ -77,7 +66,7 @@ def main() -> None:
     rows_cuda = rows.cuda() if cuda else None
     cpus = ggml_backend.default_threads()
 
-    device = f"{_cpu_name()}, {cpus} CPUs" + (f"; {torch.cuda.get_device_name()}" if cuda else "")
+    device = f"{cpu_name()}, {cpus} CPUs" + (f"; {torch.cuda.get_device_name()}" if cuda else "")
     load_before = os.getloadavg()
     header = ["type", "imatrix", "ggml 1 thread", f"torch CPU ({torch.get_num_threads()} thr)",
               f"auto CPU ({cpus} thr)"] + (["auto CUDA"] if cuda else []) + ["torch/ggml", "auto/ggml", "same bytes"]

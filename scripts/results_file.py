@@ -1,8 +1,20 @@
 """docs/results.md is assembled from sections that benchmark scripts write; each script owns its own sections."""
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The processor's model name, for the machine line under a table."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def update_section(path: Path, title: str, body: str, command: str) -> None:

@@ -84,3 +84,15 @@ def make_importance(n_per_row: int, seed: int = 0, with_zeros: bool = False) -> 
     if with_zeros:
         importance[torch.rand(n_per_row, generator=generator) < 0.1] = 0.0
     return importance
+
+
+def far_outlier_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows near -1 with far outliers (up to 1e9) that an importance vector ignores (weight 0): the outliers put
+    ggml's float rounding trick out of its range, so encoders must reproduce the garbage it makes."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn((4, 256), generator=generator) * 0.01 - 1.0
+    rows[:, 5] = torch.tensor([-1e5, -1e6, -3e7, -1e9])
+    rows[:, 40] = torch.tensor([1e5, 1e6, 3e7, 1e9])
+    importance = torch.ones(256)
+    importance[[5, 40]] = 0.0
+    return rows, importance

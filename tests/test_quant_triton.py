@@ -34,7 +34,7 @@ runs_kernels = pytest.mark.skipif(not RUNS_KERNELS_HERE, reason="triton was impo
 from ewq_gguf import quant  # noqa: E402
 from ewq_gguf.quant import QType, ggml_backend, quantize, row_nbytes, triton_kernels as kernels  # noqa: E402
 
-from quant_inputs import DEV_MODEL, INPUT_CLASSES, make_importance, make_rows, make_special_rows  # noqa: E402
+from quant_inputs import DEV_MODEL, INPUT_CLASSES, far_outlier_rows, make_importance, make_rows, make_special_rows  # noqa: E402
 from quant_reference import assert_same_bytes, reference_bytes  # noqa: E402
 
 K_TYPES = (QType.Q4_K, QType.Q5_K)
@@ -91,13 +91,7 @@ def test_non_finite_input_is_left_to_the_torch_codecs(qtype):
 
 @runs_kernels
 def test_far_outliers_with_zero_importance():
-    """An ignored far outlier drives ggml's rounding trick out of its range: the garbage it makes must match."""
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.randn((4, 256), generator=generator) * 0.01 - 1.0
-    rows[:, 5] = torch.tensor([-1e5, -1e6, -3e7, -1e9])
-    rows[:, 40] = torch.tensor([1e5, 1e6, 3e7, 1e9])
-    importance = torch.ones(256)
-    importance[[5, 40]] = 0.0
+    rows, importance = far_outlier_rows()
     for qtype in K_TYPES:
         for weights in (None, importance):
             assert_same_bytes(_fused(rows, qtype, weights), _expected(rows, qtype, weights))

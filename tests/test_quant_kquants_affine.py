@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from gguf import GGMLQuantizationType as QType
 
 from ewq_gguf.quant import kquants_affine, row_nbytes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -19,6 +20,13 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except EwqGgufError as exc:
             click.echo(f"error: {exc}", err=True)
+            if exc.exit_code > 128:
+                # a signal ended the work (its temporary files are already gone): leave at once, as the signal
+                # would have, since finalizing the interpreter around worker threads still inside native code
+                # (an encoder, a reader) can abort the process
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.exit_code)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)

@@ -1,7 +1,12 @@
 """Optimal plans (linearity theorem) against llama.cpp's Q4_K_M and Q3_K_M at the same file size, and the check of
-the linear prediction itself. Writes the "Optimal plans vs llama-quantize" section of docs/results.md.
+the linear prediction itself. Writes the "Optimal plans vs llama-quantize: <model>" section of docs/results.md.
 
     python scripts/bench_optimal.py [--model /work/devmodels/smollm2] [--chunks 40] [--threads 1]
+    python scripts/bench_optimal.py --model /work/devmodels/qwen25 --work out/bench-optimal-qwen25 ...
+
+At each peer size the optimal plan is made twice: with every type we encode as a candidate, and with llama.cpp's
+k-quant ladder only (KQUANT_CANDIDATES), where a tensor whose rows a k-quant cannot hold gets llama.cpp's fallback
+type, as llama-quantize does. The difference is what the 32-block and IQ4 candidate types are worth.
 
 Texts: the calibration text is the first half of the Debian reference (found on this machine, never shipped); the
 evaluation text its last quarter, so no token is both calibrated and scored. Each tool computes its own importance
@@ -17,6 +22,8 @@ import gzip
 import json
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +39,35 @@ from ewq_gguf.api import convert  # noqa: E402
 from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
 from ewq_gguf.imatrix import ImportanceMatrix  # noqa: E402
 from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld  # noqa: E402
+from ewq_gguf.plan.plan import Plan  # noqa: E402
 from ewq_gguf.plan.reuse import plan_from_file  # noqa: E402
 from ewq_gguf.source.model import open_checkpoint  # noqa: E402
 from ewq_gguf.validate import CompareReport, compare  # noqa: E402
 
 DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 PEER_MIXES = ("Q4_K_M", "Q3_K_M")
-LINEARITY_BPW = (4.25, 4.75, 5.25, 6.0, 7.0)
-LINEARITY_UNIFORM = ("Q4_0", "Q4_1", "Q5_0", "Q8_0")
+# llama.cpp's k-quant ladder plus Q8_0 and F16: the candidate set without the 32-block and IQ4 types
+KQUANT_CANDIDATES = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16"
+EXTRA_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")
+CANDIDATE_SETS = {"all": None, "k-quants": KQUANT_CANDIDATES}   # label -> --types (None: every type we encode)
+DEFAULT_CHUNKS = 40
+DEFAULT_TOKENS = 32768
+LINEARITY_BPW = "4.25,4.75,5.25,6.0,7.0"
+LINEARITY_UNIFORM = "Q4_0,Q4_1,Q5_0,Q8_0"
 SMALL_ERROR = 0.1      # predicted KLD below which the linear regime is summarised
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 TITLE = "Optimal plans vs llama-quantize"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    path: Path
+    side: str                   # "llama.cpp" or "ours"
+    imatrix: bool
+    variant: str | None         # the calibration error table its prediction uses; None: no prediction
+    candidates: str = ""        # optimal plans: a CANDIDATE_SETS label
+    mix: str = ""               # files at a peer's size: that PEER_MIXES entry
 
 
 def split_text(work: Path) -> tuple[Path, Path]:
@@ -55,10 +80,15 @@ def split_text(work: Path) -> tuple[Path, Path]:
     return calib, evaluation
 
 
-def step(path: Path, make) -> Path:
+def step(path: Path, make, partial: bool = True) -> Path:
+    """Run make(output) unless path exists. With partial, make writes to a partial name, renamed to path once
+    complete, so an interrupted step (llama-imatrix saves its file every 10 chunks) is never taken for a cached one;
+    without, make writes path itself, last."""
     if not path.exists():
         started = time.perf_counter()
-        make()
+        output = path.with_name(f"partial-{path.name}") if partial else path
+        make(output)
+        output.replace(path)
         print(f"made {path.name} in {time.perf_counter() - started:.0f} s", flush=True)
     return path
 
@@ -67,10 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/work/devmodels/smollm2")
     parser.add_argument("--work", default="out/bench-optimal")
-    parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens for both tools")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens for both tools")
     parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--chunks", type=int, default=40, help="evaluation chunks of --ctx tokens")
+    parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="evaluation chunks of --ctx tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared CPU runs faster on fewer)")
+    parser.add_argument("--bpw", type=lambda text: [float(value) for value in text.split(",")],
+                        default=LINEARITY_BPW, help="bits per weight of the extra optimal plans of the linearity check")
+    parser.add_argument("--uniform", type=lambda text: text.split(","), default=LINEARITY_UNIFORM,
+                        help="uniform files of the linearity check")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,58 +116,77 @@ def main() -> None:
     calib_text, eval_text = split_text(work)
     n_chunks = args.tokens // args.ctx
 
-    base = step(work / "base-F32.gguf", lambda: convert(args.model, work / "base-F32.gguf", "uniform", type="F32",
-                                                         progress=False))
-    llama_imatrix = step(work / "llama.imatrix.gguf", lambda: run_measured(
-        [imatrix_tool, "-m", base, "-f", calib_text, "-c", args.ctx, "--chunks", n_chunks, "-o",
-         work / "llama.imatrix.gguf", "--no-ppl", "-t", "2"]))
+    base = step(work / "base-F32.gguf", lambda out: convert(args.model, out, "uniform", type="F32", progress=False))
+    llama_imatrix = step(work / "llama.imatrix.gguf", lambda out: run_measured(
+        [imatrix_tool, "-m", base, "-f", calib_text, "-c", args.ctx, "--chunks", n_chunks, "-o", out, "--no-ppl",
+         "-t", args.threads]))
     calibration_path = work / "calib.json"
     timing_path = work / "calib-timing.json"
 
-    def run_calibration() -> None:
+    def run_calibration(out: Path) -> None:
         started = time.perf_counter()
         calibration = calibrate(args.model, calib_text, tokens=args.tokens, ctx=args.ctx, device="cpu",
                                 threads=args.threads, progress=False)
         wall = time.perf_counter() - started
-        calibration.save(calibration_path)
+        calibration.save(out)
         load = Path("/proc/loadavg").read_text().split()[:3]
         timing_path.write_text(json.dumps({"wall": wall, "phases": calibration.seconds, "loadavg_after": load}))
 
-    step(calibration_path, run_calibration)
+    # Calibration.save writes the JSON last and names its sibling importance matrix inside it: no partial name
+    step(calibration_path, run_calibration, partial=False)
     calibration = Calibration.load(calibration_path)
     model = open_checkpoint(args.model)
 
-    rows = []   # (label, file, side, imatrix, error table the prediction uses or None)
+    rows = []
     for mix in PEER_MIXES:
         for with_imatrix in (False, True):
             suffix = "-imatrix" if with_imatrix else ""
             peer = work / f"llama-{mix}{suffix}.gguf"
             extra = ["--imatrix", llama_imatrix] if with_imatrix else []
-            step(peer, lambda: run_measured([quantize_tool, *extra, base, peer, mix, "2"]))
-            ours = work / f"ours-optimal-{mix}-size{suffix}.gguf"
-            options = {"imatrix": calibration_path} if with_imatrix else {}
-            step(ours, lambda: convert(args.model, ours, "optimal", calibration=calibration,
-                                       target_size=peer.stat().st_size, progress=False, **options))
+            step(peer, lambda out: run_measured([quantize_tool, *extra, base, out, mix, "2"]))
             # llama.cpp's imatrix is not ours: its files' errors are not in our tables
-            rows.append((f"llama.cpp {mix}", peer, "llama.cpp", with_imatrix, None if with_imatrix else "plain"))
-            rows.append((f"ours optimal @ {mix} size", ours, "ours", with_imatrix,
-                         "imatrix" if with_imatrix else "plain"))
-    for bpw in LINEARITY_BPW:
+            rows.append(Row(f"llama.cpp {mix}", peer, "llama.cpp", with_imatrix, None if with_imatrix else "plain",
+                            mix=mix))
+            options = {"imatrix": calibration_path} if with_imatrix else {}
+            for candidates, types in CANDIDATE_SETS.items():
+                ours = work / f"ours-optimal-{mix}-size{'' if types is None else '-kquants'}{suffix}.gguf"
+                step(ours, lambda out: convert(args.model, out, "optimal", calibration=calibration, types=types,
+                                               target_size=peer.stat().st_size, progress=False, **options))
+                rows.append(Row(f"ours optimal @ {mix} size, {candidates}", ours, "ours", with_imatrix,
+                                "imatrix" if with_imatrix else "plain", candidates, mix))
+    for bpw in args.bpw:
         path = work / f"ours-optimal-{bpw}bpw.gguf"
-        step(path, lambda: convert(args.model, path, "optimal", calibration=calibration, target_bpw=bpw,
-                                   progress=False))
-        rows.append((f"ours optimal {bpw} bpw", path, "ours", False, "plain"))
-    for qtype in LINEARITY_UNIFORM:
+        step(path, lambda out: convert(args.model, out, "optimal", calibration=calibration, target_bpw=bpw,
+                                       progress=False))
+        rows.append(Row(f"ours optimal {bpw} bpw", path, "ours", False, "plain", "all"))
+    for qtype in args.uniform:
         path = work / f"ours-uniform-{qtype}.gguf"
-        step(path, lambda: convert(args.model, path, "uniform", type=qtype, progress=False))
-        rows.append((f"ours uniform {qtype}", path, "ours", False, "plain"))
+        step(path, lambda out: convert(args.model, out, "uniform", type=qtype, progress=False))
+        rows.append(Row(f"ours uniform {qtype}", path, "ours", False, "plain"))
 
-    measured = scored(base, [row[1] for row in rows], eval_text, args, work)
-    predictions = {metric: [None if variant is None else predicted_kld(plan_from_file(model, path), calibration,
-                                                                       variant, metric)
-                            for _, path, _, _, variant in rows] for metric in METRICS}
+    measured = scored(base, [row.path for row in rows], eval_text, args, work)
+    # each file's types, read once (reading a GGUF's large vocabulary takes seconds)
+    plans = [plan_from_file(model, row.path) for row in rows]
+    predictions = {metric: [None if row.variant is None else predicted_kld(plan, calibration, row.variant, metric)
+                            for row, plan in zip(rows, plans)] for metric in METRICS}
     agreement = imatrix_agreement(calibration.imatrix, ImportanceMatrix.load(llama_imatrix))
-    print_and_write(args, rows, measured, predictions, json.loads(timing_path.read_text()), agreement)
+    print_and_write(args, rows, measured, predictions, json.loads(timing_path.read_text()), agreement,
+                    type_counts(rows, plans))
+
+
+def type_counts(rows: list[Row], plans: list[Plan]) -> str:
+    """Per peer-size file: how many of its matrices are stored in a 32-block or IQ4 type, by type."""
+    parts = []
+    n_matrices = None
+    for row, plan in zip(rows, plans):
+        if row.mix:
+            stored = Counter(entry.type for entry in plan.entries if len(entry.shape) > 1)
+            n_matrices = sum(stored.values())
+            extra = {name: stored[name] for name in EXTRA_TYPES if stored[name]}
+            by_type = ", ".join(f"{name} {count}" for name, count in extra.items())
+            parts.append(f"{row.label}{' +imatrix' if row.imatrix else ''}: **{sum(extra.values())}**"
+                         + (f" ({by_type})" if by_type else ""))
+    return f"of {n_matrices} matrices, " + "; ".join(parts)
 
 
 def imatrix_agreement(ours: ImportanceMatrix, theirs: ImportanceMatrix) -> str:
@@ -142,7 +195,7 @@ def imatrix_agreement(ours: ImportanceMatrix, theirs: ImportanceMatrix) -> str:
     shared = sorted(set(ours.sums) & set(theirs.sums))
     correlations = [float(np.corrcoef(ours.vector(name), theirs.vector(name))[0, 1]) for name in shared]
     ratios = [float(ours.vector(name).mean() / theirs.vector(name).mean()) for name in shared]
-    return (f"{len(shared)} weights in both (llama-imatrix leaves out the token embedding / tied head); "
+    return (f"{len(shared)} weights in both (llama-imatrix leaves out the token embedding, and the output head unless given --process-output); "
             f"correlation of the vectors: median {np.median(correlations):.4f}, min {min(correlations):.4f}; "
             f"ratio of means ours/theirs: median {np.median(ratios):.3f}, range {min(ratios):.3f}..{max(ratios):.3f}")
 
@@ -157,14 +210,15 @@ def scored(base: Path, files: list[Path], eval_text: Path, args, work: Path) -> 
     def key(path: Path) -> str:
         return f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}:{settings}"
 
-    missing = [path for path in files if key(path) not in kept]
-    if missing:
-        reports = compare(base, missing, text=eval_text, ctx=args.ctx, chunks=args.chunks, cache_dir=work / "cache",
-                          progress=False)
-        for path, report in zip(missing, reports[1:]):
-            kept[key(path)] = {**report.to_dict(), "is_base": False, "text": report.text, "ctx": report.ctx,
-                               "chunks": report.chunks}
+    # one file at a time (the base's log-probabilities are cached), kept as soon as scored
+    for path in [path for path in files if key(path) not in kept]:
+        started = time.perf_counter()
+        report = compare(base, [path], text=eval_text, ctx=args.ctx, chunks=args.chunks, cache_dir=work / "cache",
+                         threads=args.threads, progress=False)[1]
+        kept[key(path)] = {**report.to_dict(), "is_base": False, "text": report.text, "ctx": report.ctx,
+                           "chunks": report.chunks}
         store.write_text(json.dumps(kept, indent=1))
+        print(f"scored {path.name} in {time.perf_counter() - started:.0f} s", flush=True)
     return {path.name: CompareReport(**kept[key(path)]) for path in files}
 
 
@@ -173,26 +227,27 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
-def print_and_write(args, rows, measured, predictions, timing, agreement: str) -> None:
+def print_and_write(args, rows: list[Row], measured, predictions, timing, agreement: str, counts: str) -> None:
     lines = ["| file | imatrix | MiB | bpw | KLD | +/- | top-1 % | PPL | predicted KLD |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (label, path, _, with_imatrix, _), prediction in zip(rows, predictions[DEFAULT_METRIC]):
-        report = measured[path.name]
-        lines.append(f"| {label} | {'yes' if with_imatrix else 'no'} | {report.bytes / 2**20:.2f} | {report.bpw:.3f} | "
-                     f"{report.kld:.5f} | {report.kld_se:.5f} | {100 * report.top1:.2f} | {report.ppl:.3f} | "
-                     f"{'' if prediction is None else f'{prediction:.5f}'} |")
+    for row, prediction in zip(rows, predictions[DEFAULT_METRIC]):
+        report = measured[row.path.name]
+        lines.append(f"| {row.label} | {'yes' if row.imatrix else 'no'} | {report.bytes / 2**20:.2f} | "
+                     f"{report.bpw:.3f} | {report.kld:.5f} | {report.kld_se:.5f} | {100 * report.top1:.2f} | "
+                     f"{report.ppl:.3f} | {'' if prediction is None else f'{prediction:.5f}'} |")
     ratios = []
     for mix in PEER_MIXES:
         for with_imatrix in (False, True):
             suffix = "-imatrix" if with_imatrix else ""
             peer = measured[f"llama-{mix}{suffix}.gguf"]
-            ours = measured[f"ours-optimal-{mix}-size{suffix}.gguf"]
-            ratios.append(f"| {mix} | {'yes' if with_imatrix else 'no'} | {peer.bytes:,} | {ours.bytes:,} | "
-                          f"{ours.bytes / peer.bytes:.4f} | {peer.kld:.5f} | {ours.kld:.5f} | "
-                          f"**{ours.kld / peer.kld:.3f}** |")
+            for candidates, types in CANDIDATE_SETS.items():
+                ours = measured[f"ours-optimal-{mix}-size{'' if types is None else '-kquants'}{suffix}.gguf"]
+                ratios.append(f"| {mix} | {'yes' if with_imatrix else 'no'} | {candidates} | {peer.bytes:,} | "
+                              f"{ours.bytes:,} | {ours.bytes / peer.bytes:.4f} | {peer.kld:.5f} | {ours.kld:.5f} | "
+                              f"**{ours.kld / peer.kld:.3f}** |")
     fits = {}
     for metric in METRICS:
-        points = [(prediction, measured[row[1].name].kld) for row, prediction in zip(rows, predictions[metric])
+        points = [(prediction, measured[row.path.name].kld) for row, prediction in zip(rows, predictions[metric])
                   if prediction is not None]
         predicted = np.array([point[0] for point in points])
         observed = np.array([point[1] for point in points])
@@ -202,18 +257,29 @@ def print_and_write(args, rows, measured, predictions, timing, agreement: str) -
     small = predicted <= SMALL_ERROR
     small_ratio = float(np.median(observed[small] / predicted[small]))
     exponent = float(np.polyfit(np.log(predicted), np.log(observed), 1)[0])
-    plot = plot_results(rows, measured, predicted, observed, slope)
+    model_name = Path(args.model).name
+    plot = plot_results(model_name, rows, measured, predicted, observed, slope)
     other = next(metric for metric in METRICS if metric != DEFAULT_METRIC)
     phases = ", ".join(f"{name} {value:.0f} s" for name, value in timing["phases"].items())
+    def fewer(value: int, default: int) -> str:
+        return f" (fewer than the default {default}, to keep the CPU run short)" if value < default else ""
+
     body = "\n".join([
-        f"Model {Path(args.model).name}; calibration: first half of the Debian reference, {args.tokens} tokens in "
-        f"chunks of {args.ctx} for both tools; evaluation: its last quarter, {args.chunks} x {args.ctx} tokens; "
-        "KLD against the F32 conversion. Ours: `--method optimal --target-size <the llama.cpp file's bytes>`, "
-        "candidate types: every type we encode.",
+        f"Model {model_name}; calibration: first half of the Debian reference, {args.tokens} tokens"
+        f"{fewer(args.tokens, DEFAULT_TOKENS)} in chunks of {args.ctx} for both tools; evaluation: its last quarter, "
+        f"{args.chunks} x {args.ctx} tokens{fewer(args.chunks, DEFAULT_CHUNKS)}; KLD against the F32 conversion. Ours: `--method optimal --target-size <the llama.cpp file's "
+        "bytes>` with two candidate sets: *all* = every type we encode (the default), *k-quants* = "
+        f"`--types {KQUANT_CANDIDATES}` (a tensor whose rows a k-quant cannot hold gets llama.cpp's fallback, "
+        "Q4_K -> Q5_0 etc., as in llama-quantize's own mixes).",
         "",
-        "| mix | imatrix | llama.cpp bytes | our bytes | size ratio | llama.cpp KLD | our KLD | KLD ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mix | imatrix | candidates | llama.cpp bytes | our bytes | size ratio | llama.cpp KLD | our KLD | "
+        "KLD ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
         *ratios,
+        "",
+        f"Tensors stored in a 32-block ({', '.join(EXTRA_TYPES[:4])}) or IQ4 ({', '.join(EXTRA_TYPES[4:])}) type, "
+        f"{counts}. In the k-quants plans and llama.cpp's files these are all fallbacks for rows a k-quant cannot "
+        "hold.",
         "",
         *lines,
         "",
@@ -224,7 +290,8 @@ def print_and_write(args, rows, measured, predictions, timing, agreement: str) -
         f"{exponent:.3f} (the KL grows more slowly than the sum once it is large). With {other} errors: "
         f"Spearman {fits[other][1]:.3f}, slope {fits[other][2]:.3f}.",
         "",
-        f"Calibration of {Path(args.model).name} on CPU ({args.threads} torch thread, CPU shared with other jobs, "
+        f"Calibration of {model_name} on CPU ({args.threads} torch thread{'s' if args.threads > 1 else ''}, "
+        "CPU shared with other jobs, "
         f"load average after {' '.join(timing['loadavg_after'])}): {timing['wall']:.0f} s wall ({phases}).",
         "",
         f"Importance vectors, ours against llama-imatrix's on the same calibration text: {agreement}.",
@@ -233,27 +300,38 @@ def print_and_write(args, rows, measured, predictions, timing, agreement: str) -
     ])
     print(body)
     if not args.no_write:
-        update_section(RESULTS, TITLE, body, "python scripts/bench_optimal.py " + " ".join(sys.argv[1:]))
+        update_section(RESULTS, f"{TITLE}: {model_name}", body,
+                       "python scripts/bench_optimal.py " + " ".join(sys.argv[1:]))
 
 
-def plot_results(rows, measured, predicted, observed, slope) -> Path:
+def plot_results(model_name: str, rows: list[Row], measured, predicted, observed, slope) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = RESULTS.parent / "optimal_vs_llama.png"
+    path = RESULTS.parent / f"optimal_vs_llama_{model_name}.png"
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, file, side, with_imatrix, _ in rows:
-        report = measured[file.name]
-        marker = ("s" if side == "llama.cpp" else "o")
-        color = "tab:red" if side == "llama.cpp" else ("tab:green" if with_imatrix else "tab:blue")
-        left.scatter(report.bytes / 2**20, report.kld, marker=marker, color=color)
-        left.annotate(label + (" +imatrix" if with_imatrix else ""), (report.bytes / 2**20, report.kld), fontsize=7,
-                      textcoords="offset points", xytext=(3, 3))
+    labelled = set()
+    for row in rows:
+        report = measured[row.path.name]
+        marker = {"llama.cpp": "s", "ours": "^" if row.candidates == "k-quants" else "o"}[row.side]
+        color = {("llama.cpp", False): "tab:red", ("llama.cpp", True): "darkred", ("ours", False): "tab:blue",
+                 ("ours", True): "tab:green"}[row.side, row.imatrix]
+        # peer-size files sit on top of each other: a legend names them, the other points are annotated
+        category = (f"{'llama.cpp' if row.side == 'llama.cpp' else 'ours optimal, ' + row.candidates}"
+                    f"{' +imatrix' if row.imatrix else ''}")
+        legend = category if row.mix and category not in labelled else None
+        labelled.add(category)
+        left.scatter(report.bytes / 2**20, report.kld, marker=marker, color=color, label=legend,
+                     facecolors="none" if row.candidates == "k-quants" else color)
+        if not row.mix:
+            left.annotate(row.label, (report.bytes / 2**20, report.kld), fontsize=7, textcoords="offset points",
+                          xytext=(3, 3))
+    left.legend(fontsize=7, loc="lower left")
     left.set_yscale("log")
     left.set_xlabel("file size (MiB)")
     left.set_ylabel("KLD vs F32 (nats/token)")
-    left.set_title("size vs KLD (squares: llama-quantize)")
+    left.set_title(f"{model_name}: size vs KLD")
     right.loglog(predicted, observed, "o")
     limits = [min(predicted.min(), observed.min()) * 0.8, max(predicted.max(), observed.max()) * 1.2]
     right.plot(limits, limits, ":", color="gray", label="measured = predicted")

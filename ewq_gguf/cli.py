@@ -20,13 +20,6 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except EwqGgufError as exc:
             click.echo(f"error: {exc}", err=True)
-            if exc.exit_code > 128:
-                # a signal ended the work (its temporary files are already gone): leave at once, as the signal
-                # would have, since finalizing the interpreter around worker threads still inside native code
-                # (an encoder, a reader) can abort the process
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(exc.exit_code)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
@@ -321,5 +314,19 @@ def compare(base: str, candidates: tuple[str, ...], text: str | None, ctx: int, 
         click.echo(f"plot: {plot}")
 
 
+def run() -> None:
+    """The ewq-gguf program: main(), except that an exit caused by a signal (code 128 + N) is immediate."""
+    try:
+        main()
+    except SystemExit as exit_request:
+        if isinstance(exit_request.code, int) and exit_request.code > 128:
+            # the work's temporary files are already gone; finalizing the interpreter around worker threads that
+            # are still inside native code (an encoder, a reader) can abort the process instead of exiting
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_request.code)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

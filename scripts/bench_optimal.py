@@ -68,6 +68,11 @@ class Row:
     variant: str | None         # the calibration error table its prediction uses; None: no prediction
     candidates: str = ""        # optimal plans: a CANDIDATE_SETS label
     mix: str = ""               # files at a peer's size: that PEER_MIXES entry
+    unit: bool = False          # quantized with --imatrix unit (no calibration data in the quantization)
+
+    @property
+    def imatrix_label(self) -> str:
+        return "unit" if self.unit else "yes" if self.imatrix else "no"
 
 
 def split_text(work: Path) -> tuple[Path, Path]:
@@ -105,6 +110,9 @@ def main() -> None:
                         default=LINEARITY_BPW, help="bits per weight of the extra optimal plans of the linearity check")
     parser.add_argument("--uniform", type=lambda text: text.split(","), default=LINEARITY_UNIFORM,
                         help="uniform files of the linearity check")
+    parser.add_argument("--unit-importance", action="store_true",
+                        help="also plan and quantize the files at the peers' sizes with --imatrix unit (ggml's "
+                             "error-minimizing search, no calibration data), next to the rows without imatrix")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,6 +162,11 @@ def main() -> None:
                                                target_size=peer.stat().st_size, progress=False, **options))
                 rows.append(Row(f"ours optimal @ {mix} size, {candidates}", ours, "ours", with_imatrix,
                                 "imatrix" if with_imatrix else "plain", candidates, mix))
+            if args.unit_importance and not with_imatrix:
+                ours = work / f"ours-optimal-{mix}-size-unit.gguf"
+                step(ours, lambda out: convert(args.model, out, "optimal", calibration=calibration, imatrix="unit",
+                                               target_size=peer.stat().st_size, progress=False))
+                rows.append(Row(f"ours optimal @ {mix} size, all", ours, "ours", False, None, "all", mix, unit=True))
     for bpw in args.bpw:
         path = work / f"ours-optimal-{bpw}bpw.gguf"
         step(path, lambda out: convert(args.model, out, "optimal", calibration=calibration, target_bpw=bpw,
@@ -184,7 +197,8 @@ def type_counts(rows: list[Row], plans: list[Plan]) -> str:
             n_matrices = sum(stored.values())
             extra = {name: stored[name] for name in EXTRA_TYPES if stored[name]}
             by_type = ", ".join(f"{name} {count}" for name, count in extra.items())
-            parts.append(f"{row.label}{' +imatrix' if row.imatrix else ''}: **{sum(extra.values())}**"
+            parts.append(f"{row.label}{' +imatrix' if row.imatrix else ' unit' if row.unit else ''}: "
+                         f"**{sum(extra.values())}**"
                          + (f" ({by_type})" if by_type else ""))
     return f"of {n_matrices} matrices, " + "; ".join(parts)
 
@@ -232,19 +246,17 @@ def print_and_write(args, rows: list[Row], measured, predictions, timing, agreem
              "|---|---|---|---|---|---|---|---|---|"]
     for row, prediction in zip(rows, predictions[DEFAULT_METRIC]):
         report = measured[row.path.name]
-        lines.append(f"| {row.label} | {'yes' if row.imatrix else 'no'} | {report.bytes / 2**20:.2f} | "
+        lines.append(f"| {row.label} | {row.imatrix_label} | {report.bytes / 2**20:.2f} | "
                      f"{report.bpw:.3f} | {report.kld:.5f} | {report.kld_se:.5f} | {100 * report.top1:.2f} | "
                      f"{report.ppl:.3f} | {'' if prediction is None else f'{prediction:.5f}'} |")
     ratios = []
-    for mix in PEER_MIXES:
-        for with_imatrix in (False, True):
-            suffix = "-imatrix" if with_imatrix else ""
-            peer = measured[f"llama-{mix}{suffix}.gguf"]
-            for candidates, types in CANDIDATE_SETS.items():
-                ours = measured[f"ours-optimal-{mix}-size{'' if types is None else '-kquants'}{suffix}.gguf"]
-                ratios.append(f"| {mix} | {'yes' if with_imatrix else 'no'} | {candidates} | {peer.bytes:,} | "
-                              f"{ours.bytes:,} | {ours.bytes / peer.bytes:.4f} | {peer.kld:.5f} | {ours.kld:.5f} | "
-                              f"**{ours.kld / peer.kld:.3f}** |")
+    for row in rows:
+        if row.side == "ours" and row.mix:
+            peer = measured[f"llama-{row.mix}{'-imatrix' if row.imatrix else ''}.gguf"]
+            ours = measured[row.path.name]
+            ratios.append(f"| {row.mix} | {row.imatrix_label} | {row.candidates} | {peer.bytes:,} | {ours.bytes:,} | "
+                          f"{ours.bytes / peer.bytes:.4f} | {peer.kld:.5f} | {ours.kld:.5f} | "
+                          f"**{ours.kld / peer.kld:.3f}** |")
     fits = {}
     for metric in METRICS:
         points = [(prediction, measured[row.path.name].kld) for row, prediction in zip(rows, predictions[metric])
@@ -270,7 +282,10 @@ def print_and_write(args, rows: list[Row], measured, predictions, timing, agreem
         f"{args.chunks} x {args.ctx} tokens{fewer(args.chunks, DEFAULT_CHUNKS)}; KLD against the F32 conversion. Ours: `--method optimal --target-size <the llama.cpp file's "
         "bytes>` with two candidate sets: *all* = every type we encode (the default), *k-quants* = "
         f"`--types {KQUANT_CANDIDATES}` (a tensor whose rows a k-quant cannot hold gets llama.cpp's fallback, "
-        "Q4_K -> Q5_0 etc., as in llama-quantize's own mixes).",
+        "Q4_K -> Q5_0 etc., as in llama-quantize's own mixes)."
+        + (" imatrix *unit*: `--imatrix unit`, ggml's importance-weighted encoders given equal weights for every "
+           "column: an error-minimizing search that needs no calibration data (the plan's alpha still comes from the "
+           "calibration), compared with llama.cpp's files made without imatrix." if args.unit_importance else ""),
         "",
         "| mix | imatrix | candidates | llama.cpp bytes | our bytes | size ratio | llama.cpp KLD | our KLD | "
         "KLD ratio |",
@@ -315,11 +330,11 @@ def plot_results(model_name: str, rows: list[Row], measured, predicted, observed
     for row in rows:
         report = measured[row.path.name]
         marker = {"llama.cpp": "s", "ours": "^" if row.candidates == "k-quants" else "o"}[row.side]
-        color = {("llama.cpp", False): "tab:red", ("llama.cpp", True): "darkred", ("ours", False): "tab:blue",
-                 ("ours", True): "tab:green"}[row.side, row.imatrix]
+        color = {("llama.cpp", "no"): "tab:red", ("llama.cpp", "yes"): "darkred", ("ours", "no"): "tab:blue",
+                 ("ours", "yes"): "tab:green", ("ours", "unit"): "tab:purple"}[row.side, row.imatrix_label]
         # peer-size files sit on top of each other: a legend names them, the other points are annotated
         category = (f"{'llama.cpp' if row.side == 'llama.cpp' else 'ours optimal, ' + row.candidates}"
-                    f"{' +imatrix' if row.imatrix else ''}")
+                    f"{' +imatrix' if row.imatrix else ' +unit importance' if row.unit else ''}")
         legend = category if row.mix and category not in labelled else None
         labelled.add(category)
         left.scatter(report.bytes / 2**20, report.kld, marker=marker, color=color, label=legend,

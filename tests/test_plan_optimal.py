@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ewq_gguf.errors import InputError
-from ewq_gguf.plan.optimal import choose
+from ewq_gguf.plan.optimal import choose, parse_candidates, stored_types
 
 
 def brute_force(sizes, costs, budget):
@@ -65,3 +65,14 @@ def test_dominated_choices_are_never_picked():
     # the second choice is larger and worse than the first
     picks, total = choose([[10, 12, 30]], [[0.5, 0.9, 0.1]], 20)
     assert picks == [0] and total == 0.5
+
+
+def test_candidates_a_row_cannot_hold_are_planned_as_llama_cpps_fallback():
+    k_quants = parse_candidates("Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16")
+    # rows of 576: every k-quant is stored as its fallback; two candidates stored alike are one choice, and a
+    # candidate stored as itself names it
+    assert {stored.name: asked.name for stored, asked in stored_types(k_quants, 576).items()} == {
+        "Q4_0": "Q2_K", "Q5_0": "Q4_K", "Q5_1": "Q5_K", "Q8_0": "Q8_0", "F16": "F16"}
+    # rows of 512 hold every k-quant
+    assert all(stored == asked for stored, asked in stored_types(k_quants, 512).items())
+    assert len(stored_types(k_quants, 512)) == len(k_quants)

@@ -1,8 +1,9 @@
 """The public API. The CLI is a thin layer over these functions; they never print (progress goes to tqdm)."""
 from __future__ import annotations
 
-import tempfile
 import dataclasses
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,13 +234,17 @@ def validate_written(model_dir: str | Path, written: Path, *, base: Optional[str
 
 def calibrate(model_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> Calibration:
     """Calibrate the checkpoint in `model_dir` (options: calibrate.calibrate's) and save it to `out` (JSON) with
-    its importance matrix beside it (OUT's stem + .imatrix.gguf, llama-imatrix's format)."""
+    its importance matrix beside it (OUT's stem + .imatrix.gguf, llama-imatrix's format). The passes keep their
+    files in OUT.work/ until the result is saved, so that a rerun after an interruption resumes there."""
     from .calibrate import calibrate as run_calibration, imatrix_path_for
+    from .calibrate.workfolder import work_folder_for
 
     for path in (Path(out), imatrix_path_for(out)):
         check_output(path, force)
-    calibration = run_calibration(model_dir, **options)
+    work_dir = work_folder_for(out)
+    calibration = run_calibration(model_dir, work_dir=work_dir, **options)
     calibration.save(out)
+    shutil.rmtree(work_dir, ignore_errors=True)
     return calibration
 
 

@@ -172,8 +172,12 @@ def analyze(model_dir: str, entropy: str, k: float, direction: str, types: str, 
 @click.option("--tokens", default=32768, show_default=True, help="Tokens the activations (imatrix, LIM) are "
                                                                  "collected over.")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
-@click.option("--sensitivity-tokens", default=128, show_default=True,
-              help="Tokens each weight's noise-injection sensitivity is measured on (sequences of 128).")
+@click.option("--sensitivity", "sensitivity_method", default="fisher", show_default=True,
+              type=click.Choice(["fisher", "noise"]),
+              help="How each weight's sensitivity is measured: fisher (gradients, one block in memory at a time) or "
+                   "noise (noise injection into each weight, the whole model in float32 in memory; the reference).")
+@click.option("--sensitivity-tokens", type=int, help="Tokens the sensitivities rest on. [default: 4096 for fisher, "
+                                                     "128 for noise (sequences of 128)]")
 @click.option("--noise-levels", default="0.05,0.1", show_default=True,
               help="Relative noise sizes t (||noise|| / ||W||) the sensitivity slope is fitted over.")
 @click.option("--no-errors", is_flag=True, help="Skip the quantization error tables (the optimal planner then "
@@ -186,10 +190,12 @@ def analyze(model_dir: str, entropy: str, k: float, direction: str, types: str, 
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_errors
-def calibrate(model_dir: str, text: str | None, tokens: int, ctx: int, sensitivity_tokens: int, noise_levels: str,
-              no_errors: bool, device: str, threads: int | None, out: str, force: bool, quiet: bool) -> None:
-    """Run the checkpoint in MODEL_DIR on real text: LIM scores, importance vectors, noise-injection sensitivities
-    and quantization errors, for --method lim / optimal and --imatrix."""
+def calibrate(model_dir: str, text: str | None, tokens: int, ctx: int, sensitivity_method: str,
+              sensitivity_tokens: int | None, noise_levels: str, no_errors: bool, device: str, threads: int | None,
+              out: str, force: bool, quiet: bool) -> None:
+    """Run the checkpoint in MODEL_DIR on real text, one block at a time: LIM scores, importance vectors,
+    sensitivities and quantization errors, for --method lim / optimal and --imatrix. An interrupted run continues
+    from its last finished block when started again with the same arguments (its files wait in OUT.work/)."""
     from .api import calibrate as calibrate_api
     from .errors import InputError
 
@@ -199,7 +205,8 @@ def calibrate(model_dir: str, text: str | None, tokens: int, ctx: int, sensitivi
         raise InputError(f"--noise-levels: not a comma-separated list of numbers: {noise_levels!r}") from None
     options = {"error_types": ()} if no_errors else {}
     result = calibrate_api(model_dir, out, force=force, text=text, tokens=tokens, ctx=ctx, device=device,
-                           sensitivity_tokens=sensitivity_tokens, noise_levels=levels, threads=threads,
+                           sensitivity=sensitivity_method, sensitivity_tokens=sensitivity_tokens,
+                           noise_levels=levels, threads=threads,
                            progress=not quiet, **options)
     click.echo(format_calibration(result))
     click.echo(f"calibration: {out}")

@@ -1,14 +1,17 @@
 """WRITE: stream tensors through a Plan into a GGUF file (or llama.cpp's split layout), safely.
 
-Every file is written under a unique temporary name beside its final one, re-read with gguf-py's GGUFReader and
-checked against the plan, then put in place in one step: a final file either does not exist or is complete, and two
-conversions writing the same OUT at once never mix their bytes. Ctrl-C, SIGTERM and write errors (a full disk) remove
-the temporaries. Loading and quantizing the next tensor run on a background thread while the current one is
+Every file is written under a unique temporary name beside its final one, re-read with the project's own GGUF header
+reader (not gguf-py's GGUFReader: see verify) and checked against the plan, then put in place in one step: a final
+file either does not exist or is complete, and two conversions writing the same OUT at once never mix their bytes.
+Ctrl-C, SIGTERM and write errors (a full disk) remove the temporaries; a signal the process was started with ignored
+stays ignored. Loading and quantizing the next tensor run on a background thread while the current one is
 written; memory holds a few tensors at a time, whatever the size of the checkpoint.
 """
 from __future__ import annotations
 
 import errno
+import importlib.metadata
+import inspect
 import json
 import os
 import queue
@@ -28,7 +31,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from . import __version__
-from .errors import InputError, OutputError
+from .errors import EwqGgufError, InputError, OutputError
 from .plan import Plan
 from .progress import progress_bar
 from .quant import quantize, row_nbytes
@@ -110,11 +113,55 @@ def check_output(out: Path, force: bool) -> None:
         raise OutputError(f"output folder {parent} is not writable")
 
 
+class _Consulted(Exception):
+    """Raised by the probe of _gguf_writer_problem when gguf-py asks it for the names of the files to open."""
+
+
+def _gguf_writer_problem() -> Optional[str]:
+    """What of gguf-py's GGUFWriter internals _PartsWriter relies on is missing or changed; None if nothing.
+
+    _PartsWriter overrides format_shard_names, which gguf-py must consult before it opens any file (otherwise the
+    output would be written straight onto its final names), and reads path, fout, tensors (TensorInfo.nbytes),
+    data_alignment, split_max_size and ggml_pad: a probe writer shows all of them at work."""
+
+    class Probe(gguf.GGUFWriter):
+        def format_shard_names(self, path: Path) -> list[Path]:
+            raise _Consulted
+
+    try:
+        if list(inspect.signature(gguf.GGUFWriter.format_shard_names).parameters) != ["self", "path"]:
+            return "GGUFWriter.format_shard_names does not take (self, path)"
+        # the null device: a gguf-py that opened files without consulting format_shard_names would write nothing
+        probe = Probe(os.devnull, "llama", split_max_size=1 << 20)
+        probe.add_tensor_info("probe", [8], np.dtype(np.float32), 32)
+        checks = [("path", probe.path, Path(os.devnull)), ("fout", probe.fout, None),
+                  ("split_max_size", probe.split_max_size, 1 << 20),
+                  ("data_alignment", probe.data_alignment, gguf.GGUF_DEFAULT_ALIGNMENT),
+                  ("tensors[-1]['probe'].nbytes", probe.tensors[-1]["probe"].nbytes, 32),
+                  ("ggml_pad(33, 32)", probe.ggml_pad(33, 32), 64)]
+        wrong = [f"{name} is {found!r}, expected {value!r}" for name, found, value in checks if found != value]
+        if wrong:
+            return "GGUFWriter's " + "; ".join(wrong)
+        try:
+            probe.open_output_file()
+        except _Consulted:
+            return None
+        finally:
+            probe.close()
+        return "GGUFWriter opens its files without asking format_shard_names for their names"
+    except Exception as exc:  # whatever a changed gguf-py raises on the probe tells what changed
+        return f"{type(exc).__name__}: {exc}"
+
+
 class _PartsWriter(gguf.GGUFWriter):
     """gguf-py's writer, splitting as llama.cpp's gguf-split does (OUT-00001-of-0000N.gguf, split.* keys in every
     part), with each part written under a unique temporary name beside its final one."""
 
     def __init__(self, out: Path, arch: str, split_max_size: int):
+        problem = _gguf_writer_problem()
+        if problem:
+            raise EwqGgufError(f"ewq-gguf's writer does not work with the installed gguf "
+                               f"{importlib.metadata.version('gguf')}: {problem}")
         super().__init__(out, arch, split_max_size=split_max_size)
         self.token = uuid.uuid4().hex[:12]
 
@@ -347,7 +394,8 @@ class _SignalGuard:
     starting its monitor thread) would swallow it, so the signal is also recorded and `check()` raises it again at
     the writer's safe points. After `hold()` (putting files in place, cleaning up: work that must finish) a signal
     is only recorded; unless the write is already ending with Interrupted, it is raised again under the previous
-    handlers when the guard ends.
+    handlers when the guard ends. A signal that is ignored when the guard starts gets no handler: it stays ignored,
+    so it is never recorded or raised again either.
     """
 
     def __init__(self) -> None:
@@ -374,7 +422,10 @@ class _SignalGuard:
         if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
             yield self
             return
-        previous = {sig: signal.signal(sig, self._interrupt) for sig in INTERRUPTING_SIGNALS}
+        # A signal the process was started with ignored (`cmd &` in a script, nohup) stays ignored: whoever
+        # started us asked for this run not to be interrupted by it.
+        previous = {sig: signal.signal(sig, self._interrupt) for sig in INTERRUPTING_SIGNALS
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
         try:
             yield self
         finally:

@@ -15,15 +15,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_tools import convert_script, run_convert, run_measured  # noqa: E402
-from results_file import update_section  # noqa: E402
+from llama_tools import run_convert, run_measured  # noqa: E402
+from results_file import shown, update_section  # noqa: E402
 
+from ewq_gguf import llamacpp  # noqa: E402
+from ewq_gguf.devenv import dev_model  # noqa: E402
 from ewq_gguf.validate import compare  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", nargs="?", default="models/smollm2")
+    parser.add_argument("model_dir", nargs="?", default=dev_model("smollm2"), help="default: %(default)s")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--results", type=Path, help="write the table into this markdown file's section")
@@ -35,13 +37,13 @@ def main() -> None:
         ours = run_measured([sys.executable, "-m", "ewq_gguf", "convert", model_dir, ours_path,
                              "--method", "uniform", "--type", "BF16", "--quiet"])
         rows = [("ewq-gguf convert --type BF16", ours, ours_path)]
-        if convert_script() is not None:
+        if llamacpp.converter_script() is not None:
             rows.append(("llama.cpp convert_hf_to_gguf.py --outtype bf16",
                          run_convert(model_dir, theirs_path, "bf16"), theirs_path))
         files = [path for _, _, path in rows]
         reports = compare(files[0], files[1:] or files[:1], ctx=args.ctx, chunks=args.chunks, progress=False)
 
-        lines = [f"Model: `{model_dir}`; PPL on {reports[0].tokens} scored tokens of {reports[0].text} "
+        lines = [f"Model: `{shown(model_dir)}`; PPL on {reports[0].tokens} scored tokens of {shown(reports[0].text)} "
                  f"(ctx {args.ctx}, the same token ids for both files).", "",
                  "| converter | wall s | peak RSS MiB | file MB | PPL | KLD vs ours |", "|---|---|---|---|---|---|"]
         for (label, run, path), report in zip(rows, reports):
@@ -56,7 +58,7 @@ def main() -> None:
     print(table)
     if args.results:
         update_section(args.results, "Conversion to BF16: ewq-gguf vs convert_hf_to_gguf.py", table,
-                       command=f"python scripts/bench_convert.py {model_dir} --results {args.results}")
+                       command=f"python scripts/bench_convert.py {shown(model_dir)} --results {shown(args.results)}")
 
 
 if __name__ == "__main__":

@@ -19,21 +19,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_llama_quantize import compare_files  # noqa: E402
-from llama_tools import convert_script, run_convert, run_measured, tool_path  # noqa: E402
-from results_file import update_section  # noqa: E402
+from llama_tools import run_convert, run_measured  # noqa: E402
+from results_file import shown, update_section  # noqa: E402
+
+from ewq_gguf import llamacpp  # noqa: E402
+from ewq_gguf.devenv import dev_model  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", nargs="?", default="models/smollm2")
+    parser.add_argument("model_dir", nargs="?", default=dev_model("smollm2"), help="default: %(default)s")
     parser.add_argument("--outtype", default="bf16", choices=["bf16", "f32"], help="convert_hf_to_gguf.py's output")
     parser.add_argument("--threads", type=int, default=2, help="llama-quantize's threads")
     parser.add_argument("--convert-arg", action="append", default=[],
                         help="extra argument for ewq-gguf convert (repeat it), e.g. --convert-arg=--quantizer=ggml")
     parser.add_argument("--results", type=Path, help="write the table into this markdown file's section")
     args = parser.parse_args()
-    llama_quantize = tool_path("llama-quantize")
-    if llama_quantize is None or convert_script() is None:
+    llama_quantize = llamacpp.tool("llama-quantize")
+    if llama_quantize is None or llamacpp.converter_script() is None:
         sys.exit("llama.cpp's tools are not built: run vendor/build_llama_tools.sh first")
     model_dir = Path(args.model_dir)
 
@@ -51,7 +54,7 @@ def main() -> None:
     theirs_s = converted.wall_s + quantized.wall_s
     extra = "".join(f" {arg}" for arg in args.convert_arg)
     lines = [
-        f"Model: `{model_dir}`; {os.cpu_count()} CPUs; load average (1 min) {load_before:.2f} before, "
+        f"Model: `{shown(model_dir)}`; {os.cpu_count()} CPUs; load average (1 min) {load_before:.2f} before, "
         f"{load_after:.2f} after.", "",
         "| route | wall s | peak RSS MiB |", "|---|---|---|",
         f"| ewq-gguf convert --method uniform --type Q4_K --device cpu{extra} | {ours.wall_s:.1f} | "
@@ -67,7 +70,7 @@ def main() -> None:
     if args.results:
         passed = "".join(f" --convert-arg={arg}" for arg in args.convert_arg)
         title = f"End-to-end Q4_K: ewq-gguf vs convert_hf_to_gguf.py + llama-quantize ({model_dir.resolve().name})"
-        command = f"python scripts/bench_e2e_q4k.py {args.model_dir}{passed} --results {args.results}"
+        command = f"python scripts/bench_e2e_q4k.py {shown(model_dir)}{passed} --results {shown(args.results)}"
         update_section(args.results, title, table, command=command)
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_tools import run_measured  # noqa: E402
-from results_file import update_section  # noqa: E402
+from results_file import shown, update_section  # noqa: E402
+
+from ewq_gguf.devenv import dev_model  # noqa: E402
 
 WAYS = ("export", "save-convert")
 RESULT_MARK = "BENCH_EXPORT_RESULT "
@@ -59,7 +61,7 @@ def child(way: str, model_dir: Path, out: Path, device: str, options: dict) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", nargs="?", default="/work/devmodels/smollm2", type=Path)
+    parser.add_argument("model_dir", nargs="?", default=dev_model("smollm2"), type=Path, help="default: %(default)s")
     parser.add_argument("--device", default="cpu", help="where the model lives and is quantized: cpu, cuda, cuda:1")
     parser.add_argument("--method", default="uniform")
     parser.add_argument("--type", default="Q8_0", help="for --method uniform")
@@ -88,7 +90,7 @@ def main() -> None:
         identical = runs["export"][2] == runs["save-convert"][2]
 
     label = args.type if args.method == "uniform" else args.method
-    lines = [f"Model: `{args.model_dir}` loaded in bf16 on `{args.device}`, written as {label} "
+    lines = [f"Model: `{shown(args.model_dir)}` loaded in bf16 on `{args.device}`, written as {label} "
              f"({runs['export'][1]['bytes'] / 1e6:.1f} MB); each way in its own process, fastest of {args.repeats}. "
              f"Files byte-identical: {'yes' if identical else 'NO'}.", "",
              "| way | process wall s | peak RSS MiB | RSS after load MiB | load s | save_pretrained s | convert s "
@@ -110,9 +112,9 @@ def main() -> None:
     print(table)
     if args.results:
         update_section(args.results, f"Export from memory vs save_pretrained + convert ({args.device}, {label})",
-                       table, command=f"python scripts/bench_export.py {args.model_dir} --device {args.device} "
+                       table, command=f"python scripts/bench_export.py {shown(args.model_dir)} --device {args.device} "
                                       f"--method {args.method} --type {args.type} --repeats {args.repeats} "
-                                      f"--results {args.results}")
+                                      f"--results {shown(args.results)}")
 
 
 if __name__ == "__main__":

@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench_analyze import evict  # noqa: E402
 from llama_tools import MeasuredRun, run_measured  # noqa: E402
-from results_file import update_section  # noqa: E402
+from results_file import shown_arguments, update_section  # noqa: E402
+
+from ewq_gguf.devenv import REPOSITORY, dev_model  # noqa: E402
 
 # Llama-3-8B's block; the block count is chosen for the size asked for
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)
-DEV_MODEL = Path("/work/devmodels/smollm2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json")
 SHARD_BYTES = 2 * 10**9
@@ -172,14 +173,14 @@ def convert_run(folder: Path, out: Path, options: list[str]) -> MeasuredRun:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, help="where the checkpoint and output go [default: a temporary "
-                                                    "folder under /tmp]")
+    parser.add_argument("--folder", type=Path, help="where the checkpoint and output go [default: a new temporary "
+                                                    "folder]")
     parser.add_argument("--size-gb", type=float, default=8.0, help="checkpoint size to reach (decimal GB)")
     parser.add_argument("--method", help="convert --method [default: uniform with --type]")
     parser.add_argument("--type", default=None, help="convert --type [default: Q8_0 unless --method is given]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--split-max-size", default="2G", help="convert --split-max-size ('' for one file)")
-    parser.add_argument("--tokenizer-from", type=Path, default=DEV_MODEL,
+    parser.add_argument("--tokenizer-from", type=Path, default=dev_model("smollm2"),
                         help="a model folder whose tokenizer is copied [default: the development model; a tiny "
                              "trained tokenizer when it is missing]")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
@@ -230,7 +231,7 @@ def main() -> None:
             plan = f"--method {args.method}" if args.method else f"uniform {args.type or 'Q8_0'}"
             where = "CUDA" if torch.cuda.is_available() and args.device != "cpu" else "CPU"
             update_section(args.results, f"Large checkpoint, {plan}, {where}", table + f"\n\nMachine: {_machine()}.",
-                           command="python scripts/bench_large.py " + " ".join(sys.argv[1:]))
+                           command=recorded_command(args.folder))
     finally:
         if not args.keep:
             shutil.rmtree(model, ignore_errors=True)
@@ -238,6 +239,20 @@ def main() -> None:
                 part.unlink()
             if args.folder is None:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def recorded_command(folder: Path | None) -> str:
+    """This run's command line for results.md. A --folder outside the repository (scratch space, such as a temporary
+    folder) is left out: it is no part of the result, and would name a folder of this machine."""
+    arguments = sys.argv[1:]
+    if folder is not None and not Path(os.path.abspath(folder)).is_relative_to(REPOSITORY):
+        kept, skip = [], False
+        for argument in arguments:
+            if not skip and argument != "--folder" and not argument.startswith("--folder="):
+                kept.append(argument)
+            skip = argument == "--folder"
+        arguments = kept
+    return "python scripts/bench_large.py " + shown_arguments(arguments)
 
 
 def _machine() -> str:

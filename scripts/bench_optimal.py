@@ -1,8 +1,10 @@
 """Optimal plans (linearity theorem) against llama.cpp's Q4_K_M and Q3_K_M at the same file size, and the check of
 the linear prediction itself. Writes the "Optimal plans vs llama-quantize: <model>" section of docs/results.md.
 
-    python scripts/bench_optimal.py [--model /work/devmodels/smollm2] [--chunks 40] [--threads 1]
-    python scripts/bench_optimal.py --model /work/devmodels/qwen25 --work out/bench-optimal-qwen25 ...
+    python scripts/bench_optimal.py [--model models/smollm2] [--chunks 40] [--threads 1]
+    python scripts/bench_optimal.py --model models/qwen25 --work out/bench-optimal-qwen25 ...
+
+The default model is the development model smollm2 (ewq_gguf.devenv: models/smollm2, or under EWQ_DEV_MODELS).
 
 At each peer size the optimal plan is made twice: with every type we encode as a candidate, and with llama.cpp's
 k-quant ladder only (KQUANT_CANDIDATES), where a tensor whose rows a k-quant cannot hold gets llama.cpp's fallback
@@ -32,11 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_tools import run_measured, tool_path  # noqa: E402
-from results_file import update_section  # noqa: E402
+from llama_tools import run_measured  # noqa: E402
+from results_file import shown_arguments, update_section  # noqa: E402
 
+from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.api import convert  # noqa: E402
 from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
+from ewq_gguf.devenv import dev_model  # noqa: E402
 from ewq_gguf.imatrix import ImportanceMatrix  # noqa: E402
 from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld  # noqa: E402
 from ewq_gguf.plan.plan import Plan  # noqa: E402
@@ -100,7 +104,7 @@ def step(path: Path, make, partial: bool = True) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/work/devmodels/smollm2")
+    parser.add_argument("--model", default=str(dev_model("smollm2")))
     parser.add_argument("--work", default="out/bench-optimal")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens for both tools")
     parser.add_argument("--ctx", type=int, default=512)
@@ -118,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    quantize_tool, imatrix_tool = tool_path("llama-quantize"), tool_path("llama-imatrix")
+    quantize_tool, imatrix_tool = llamacpp.tool("llama-quantize"), llamacpp.tool("llama-imatrix")
     if quantize_tool is None or imatrix_tool is None:
         sys.exit("llama-quantize / llama-imatrix not built: run vendor/build_llama_tools.sh")
     calib_text, eval_text = split_text(work)
@@ -316,7 +320,7 @@ def print_and_write(args, rows: list[Row], measured, predictions, timing, agreem
     print(body)
     if not args.no_write:
         update_section(RESULTS, f"{TITLE}: {model_name}", body,
-                       "python scripts/bench_optimal.py " + " ".join(sys.argv[1:]))
+                       "python scripts/bench_optimal.py " + shown_arguments(sys.argv[1:]))
 
 
 def plot_results(model_name: str, rows: list[Row], measured, predicted, observed, slope) -> Path:

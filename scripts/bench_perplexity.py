@@ -9,8 +9,9 @@ Runs, each as its own process and timed from the outside (wall time, peak RSS):
                                                  --kl-divergence on CANDIDATE
   ewq-gguf compare BASE CANDIDATE (cached)   vs  llama-perplexity --kl-divergence (CANDIDATE) alone
 prints PPL, KLD, top-1 agreement and times of both side by side, and replaces this script's section of
-docs/results.md (unless --no-write). llama-perplexity comes from vendor/build/bin (vendor/build_llama_tools.sh);
-without it only ewq-gguf's numbers are shown. CPU only: both run with --gpu-layers 0 and the same thread count.
+docs/results.md (unless --no-write). llama-perplexity is the one vendor/build_llama_tools.sh builds (found by
+ewq_gguf.llamacpp); without it only ewq-gguf's numbers are shown. CPU only: both run with --gpu-layers 0 and the same
+thread count.
 With --repeats N the whole sequence runs N times, ours and llama.cpp's interleaved, and each step keeps its fastest
 wall time (the numbers themselves are identical every time).
 """
@@ -32,8 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_tools import MeasuredRun, run_measured, tool_path  # noqa: E402
-from results_file import cpu_name, update_section  # noqa: E402
+from llama_tools import MeasuredRun, run_measured  # noqa: E402
+from results_file import cpu_name, shown, shown_arguments, update_section  # noqa: E402
+
+from ewq_gguf import llamacpp  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 RESULTS_FILE = REPO_DIR / "docs" / "results.md"
@@ -146,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
 
     text = evaluation_text(args.text)
-    llama_perplexity = tool_path("llama-perplexity")
+    llama_perplexity = llamacpp.tool("llama-perplexity")
     common = ["--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads),
               "--gpu-layers", "0", "--json"]
     load_before = os.getloadavg()
@@ -217,17 +220,26 @@ def main() -> None:
     table = markdown_table(rows)
     setup = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu_name()}, {os.cpu_count()} logical CPUs, "
              f"load average {load_before[0]:.1f} before the runs; {args.threads} thread(s), CPU only; "
-             f"text {text}, {args.chunks} chunks x {args.ctx} tokens; "
+             f"text {shown(text)}, {args.chunks} chunks x {args.ctx} tokens; "
              f"fastest of {args.repeats} interleaved run(s) per cell; "
-             f"llama-perplexity: {llama_perplexity or 'not built (vendor/build_llama_tools.sh)'}")
+             f"llama-perplexity: {tool_label(llama_perplexity)}")
     print(setup)
     print(table)
     if not args.no_write:
         files = args.base.name + (f" against {args.candidate.name}" if args.candidate else "")
-        command = "python scripts/bench_perplexity.py " + " ".join(sys.argv[1:])
+        command = "python scripts/bench_perplexity.py " + shown_arguments(sys.argv[1:])
         update_section(RESULTS_FILE, RESULTS_TITLE.format(threads=args.threads), f"{files}. {setup}.\n\n{table}",
                        command)
         print(f"updated {RESULTS_FILE}")
+
+
+def tool_label(tool: Path | None) -> str:
+    """Which llama.cpp tool ran, in words that name no folder of this machine."""
+    if tool is None:
+        return "not built (vendor/build_llama_tools.sh)"
+    if os.environ.get("EWQ_LLAMA_BIN"):
+        return f"{tool.name} from EWQ_LLAMA_BIN"
+    return f"{tool.name} of llama-cpp-python {llamacpp.pinned_version()}'s llama.cpp"
 
 
 def comparison_rows(label: str, ours: Measured, theirs: Measured | None, key: str, number_format: str,

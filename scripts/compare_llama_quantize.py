@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from llama_tools import run_measured, tool_path  # noqa: E402
-from results_file import update_section  # noqa: E402
+from llama_tools import run_measured  # noqa: E402
+from results_file import shown, update_section  # noqa: E402
 
+from ewq_gguf import llamacpp  # noqa: E402
+from ewq_gguf.devenv import dev_model  # noqa: E402
 from ewq_gguf.quant import QType, effective_type  # noqa: E402
 
 DEFAULT_TYPES = "Q4_K,Q5_K,Q6_K,Q3_K,Q2_K,Q8_0,Q4_0,Q5_0,Q4_1,Q5_1,IQ4_NL,IQ4_XS"
@@ -138,7 +140,7 @@ def compare_model(model_dir: Path, types: list[QType], work: Path, llama_quantiz
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", nargs="?", default="models/smollm2")
+    parser.add_argument("model_dir", nargs="?", default=dev_model("smollm2"), help="default: %(default)s")
     parser.add_argument("--types", default=DEFAULT_TYPES)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama-quantize's threads")
     parser.add_argument("--no-narrow", action="store_true", help="skip the tiny model with rows of 96 and 100")
@@ -146,7 +148,7 @@ def main() -> None:
                         help="extra argument for ewq-gguf convert (repeat it), e.g. --convert-arg=--embed-type=Q4_K")
     parser.add_argument("--results", type=Path, help="write the tables into this markdown file's sections")
     args = parser.parse_args()
-    llama_quantize = tool_path("llama-quantize")
+    llama_quantize = llamacpp.tool("llama-quantize")
     if llama_quantize is None:
         sys.exit("llama-quantize is not built: run vendor/build_llama_tools.sh first")
     model_dir = Path(args.model_dir)
@@ -174,7 +176,7 @@ def main() -> None:
     for title, table in sections:
         print(f"\n## {title}\n\n{note}\n\n{table}\n\n{footer}")
         if args.results:
-            command = f"python scripts/compare_llama_quantize.py {args.model_dir} --results {args.results}"
+            command = f"python scripts/compare_llama_quantize.py {shown(model_dir)} --results {shown(args.results)}"
             update_section(args.results, title, f"{note}\n\n{table}\n\n{footer}", command=command)
 
 

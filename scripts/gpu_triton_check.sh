@@ -6,10 +6,13 @@
 # quantize() on CUDA: the torch codecs (backend="torch", unfused) against the default path (backend="auto", the
 # fused kernels), each with "same bytes" against our torch codecs on the CPU. llama-cpp-python is not installed
 # there; the CPU test suite proves those CPU bytes equal to ggml_quantize_chunk's. Takes under 4 minutes.
+# The wheel is installed into a fresh `mktemp -d` folder each run (it takes seconds), removed at the end.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/gguf-*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+WORK=$(mktemp -d) || exit 1
+trap 'rm -rf "$WORK"' EXIT
+python3 -m pip install -q --no-index --no-deps --target "$WORK/site" .device/gguf-*.whl || exit 1
+export PYTHONPATH=$WORK/site:$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" || exit 1
 

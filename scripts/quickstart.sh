@@ -4,9 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh devmodel
-# real English text for perplexity (Debian's reference manual); the tool falls back to GPL-3's text without it
-[ -f /usr/share/debian-reference/debian-reference.en.txt.gz ] || \
-  { command -v apt-get > /dev/null && apt-get install -y -qq debian-reference-en > /dev/null 2>&1; } || true
+bash scripts/install_text.sh      # real English text for perplexity (Debian's reference manual)
 .venv/bin/python scripts/make_dev_model.py models/smollm2 --model smollm2
 mkdir -p out
 .venv/bin/ewq-gguf convert models/smollm2 out/smollm2-ewq.gguf --force --ollama-modelfile

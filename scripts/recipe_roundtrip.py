@@ -41,8 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from compare_llama_quantize import Comparison, _listing, compare_files  # noqa: E402
-from llama_tools import run_measured, tool_path  # noqa: E402
-from results_file import update_section  # noqa: E402
+from llama_tools import run_measured  # noqa: E402
+from results_file import shown, update_section  # noqa: E402
+
+from ewq_gguf import llamacpp  # noqa: E402
+from ewq_gguf.devenv import dev_model  # noqa: E402
 
 TITLE = "Recipe round trip: --plan-out through llama-quantize --tensor-type-file"
 BASE_TYPE = "Q8_0"          # any quantized type: the recipe names every matrix
@@ -148,14 +151,14 @@ def run_model(model_dir: Path, plans: dict[str, list[str]], work: Path, tool: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", nargs="?", default="/work/devmodels/smollm2")
+    parser.add_argument("model_dir", nargs="?", default=dev_model("smollm2"), help="default: %(default)s")
     parser.add_argument("--calibration", type=Path, help="calibration JSON of MODEL_DIR: adds an optimal plan")
     parser.add_argument("--threads", type=int, default=1, help="llama-quantize's threads")
     parser.add_argument("--cores", type=int, default=1, help="CPU cores this script and its children may use")
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny Llama with a separate output head")
     parser.add_argument("--results", type=Path, help="write the section into this markdown file")
     args = parser.parse_args()
-    tool = tool_path("llama-quantize")
+    tool = llamacpp.tool("llama-quantize")
     if tool is None:
         sys.exit("llama-quantize is not built: run vendor/build_llama_tools.sh first")
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])   # inherited by every child
@@ -194,15 +197,15 @@ def main() -> None:
             f"Everything ran on {args.cores} core(s) (CPU affinity); seconds are wall time, Python start included.")
     if args.calibration:
         calibration = json.loads(args.calibration.read_text())
-        note += (f" The optimal plan's calibration: {args.calibration} ({calibration['tokens']} tokens of "
+        note += (f" The optimal plan's calibration: {shown(args.calibration)} ({calibration['tokens']} tokens of "
                  f"{Path(calibration['text']).name}, model {calibration['model']}).")
     footer = f"Load average (1 min) {load:.2f} at the start; {time.perf_counter() - started:.0f} s in all."
     body = "\n\n".join([note, *parts, footer])
     print(f"\n## {TITLE}\n\n{body}")
     if args.results:
         command = "python scripts/recipe_roundtrip.py " + " ".join(
-            [args.model_dir] + ([f"--calibration {args.calibration}"] if args.calibration else [])
-            + ([] if not args.no_tiny else ["--no-tiny"]) + [f"--results {args.results}"])
+            [shown(model_dir)] + ([f"--calibration {shown(args.calibration)}"] if args.calibration else [])
+            + ([] if not args.no_tiny else ["--no-tiny"]) + [f"--results {shown(args.results)}"])
         update_section(args.results, TITLE, body, command=command)
 
 

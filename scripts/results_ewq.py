@@ -16,10 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_tools import tool_path  # noqa: E402
-from results_file import update_section  # noqa: E402
+from results_file import shown, update_section  # noqa: E402
 
 import ewq_gguf  # noqa: E402
+from ewq_gguf import llamacpp  # noqa: E402
+from ewq_gguf.devenv import dev_model  # noqa: E402
 
 VARIANTS = [  # label, convert options
     ("uniform Q8_0", dict(method="uniform", type="Q8_0")),
@@ -37,7 +38,7 @@ VARIANTS = [  # label, convert options
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", nargs="?", default="models/smollm2")
+    parser.add_argument("model_dir", nargs="?", default=dev_model("smollm2"), help="default: %(default)s")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--text", type=Path)
     parser.add_argument("--results", type=Path)
@@ -48,7 +49,7 @@ def main() -> None:
         analysis = work / "analysis.json"
         ewq_gguf.analyze(args.model_dir, progress=False).save(analysis)
         labels, files = [], []
-        quantize = tool_path("llama-quantize")
+        quantize = llamacpp.tool("llama-quantize")
         if quantize is not None:
             subprocess.run([str(quantize), str(base), str(work / "q4_k_m.gguf"), "Q4_K_M", "2"], check=True,
                            capture_output=True)
@@ -62,7 +63,8 @@ def main() -> None:
             labels.append(label)
             files.append(out)
         reports = ewq_gguf.compare(base, files, text=args.text, chunks=args.chunks, progress=False)
-    lines = [f"Model `{args.model_dir}`; {reports[0].chunks} chunks x {reports[0].ctx} tokens of {reports[0].text}; "
+    lines = [f"Model `{shown(args.model_dir)}`; {reports[0].chunks} chunks x {reports[0].ctx} tokens of "
+             f"{shown(reports[0].text)}; "
              "KLD and top-1 against the bf16 file, computed through llama.cpp.", "",
              "| file | MB | bpw | PPL | KLD | top-1 % |", "|---|---|---|---|---|---|"]
     for label, report in zip(["bf16 (base)", *labels], reports):
@@ -72,8 +74,8 @@ def main() -> None:
     print(table)
     if args.results:
         update_section(args.results, f"Entropy-driven plans ({Path(args.model_dir).name})", table,
-                       command=f"python scripts/results_ewq.py {args.model_dir} --chunks {args.chunks} "
-                               f"--results {args.results}")
+                       command=f"python scripts/results_ewq.py {shown(args.model_dir)} --chunks {args.chunks} "
+                               f"--results {shown(args.results)}")
 
 
 if __name__ == "__main__":

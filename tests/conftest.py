@@ -5,7 +5,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import resources  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_quantize() -> Path:
+    """llama.cpp's llama-quantize, built by vendor/build_llama_tools.sh (a failure under CI when missing)."""
+    return resources.llama_tool("llama-quantize")
+
+
+@pytest.fixture(scope="session")
+def dev_model() -> Path:
+    """The SmolLM2-135M development model's folder (a failure under CI when missing)."""
+    return resources.dev_model("smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,14 @@
 
 Each class stresses a different part of an encoder: typical scales (gaussian), heavy tails (student_t3), one huge
 value per row (outlier), exact zeros and equal values (zeros, constant), underflow of scales (tiny), exact ties of
-magnitude and half-way rounding (grid), and real bf16 weights of the development model (skipped when it is absent).
+magnitude and half-way rounding (grid), and real bf16 weights of the development model (found through tests/resources.py).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
-DEV_MODEL = Path("/work/devmodels/smollm2/model.safetensors")
+import resources
+
 REAL_TENSOR = "model.layers.0.mlp.down_proj.weight"
 
 INPUT_CLASSES = ("gaussian", "student_t3", "outlier", "zeros", "constant", "tiny", "grid", "real_bf16")
@@ -51,11 +49,10 @@ def make_rows(kind: str, n_rows: int, n_per_row: int, seed: int = 0) -> torch.Te
 
 
 def _real_rows(n_rows: int, n_per_row: int) -> torch.Tensor:
-    if not DEV_MODEL.exists():
-        pytest.skip(f"development model {DEV_MODEL} not present")
+    checkpoint_file = resources.dev_model("smollm2") / "model.safetensors"
     from safetensors import safe_open
 
-    with safe_open(str(DEV_MODEL), framework="pt") as checkpoint:
+    with safe_open(str(checkpoint_file), framework="pt") as checkpoint:
         weights = checkpoint.get_tensor(REAL_TENSOR).to(torch.float32).reshape(-1)
     needed = n_rows * n_per_row
     repeats = -(-needed // weights.numel())

@@ -22,7 +22,6 @@ from ewq_gguf.source.model import open_checkpoint
 from tiny_models import make_tiny_model
 from tiny_tokenizers import SAMPLE_TEXT
 
-LLAMA_QUANTIZE = Path(__file__).resolve().parent.parent / "vendor" / "build" / "bin" / "llama-quantize"
 TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K, QType.F16)
 
 
@@ -153,25 +152,22 @@ def test_imatrix_legacy_dat(tmp_path):
         ImportanceMatrix.load(tmp_path / "bad.dat")
 
 
-@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built")
-def test_llama_quantize_reads_our_imatrix(calibration, tmp_path, tiny_gguf):
+def test_llama_quantize_reads_our_imatrix(calibration, tmp_path, tiny_gguf, llama_quantize):
     """llama-quantize loads our importance matrix and uses it: with it, Q4_0 differs from the plain quantization."""
     imatrix = calibration.imatrix.save(tmp_path / "ours.imatrix.gguf")
     plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
-    subprocess.run([LLAMA_QUANTIZE, tiny_gguf("F32"), plain, "Q4_0", "1"], check=True, capture_output=True)
-    done = subprocess.run([LLAMA_QUANTIZE, "--imatrix", imatrix, tiny_gguf("F32"), weighted, "Q4_0", "1"],
+    subprocess.run([llama_quantize, tiny_gguf("F32"), plain, "Q4_0", "1"], check=True, capture_output=True)
+    done = subprocess.run([llama_quantize, "--imatrix", imatrix, tiny_gguf("F32"), weighted, "Q4_0", "1"],
                           check=True, capture_output=True, text=True)
     assert f"loaded {len(calibration.imatrix.sums)} importance matrix entries" in done.stdout + done.stderr
     assert plain.read_bytes() != weighted.read_bytes()
 
 
-def test_imatrix_conversion_matches_llama_quantize(calibration, tmp_path, tiny_llama, tiny_gguf):
+def test_imatrix_conversion_matches_llama_quantize(calibration, tmp_path, tiny_llama, tiny_gguf, llama_quantize):
     """convert --imatrix writes the bytes llama-quantize writes with the same importance matrix (uniform Q4_0)."""
-    if not LLAMA_QUANTIZE.exists():
-        pytest.skip("llama-quantize not built")
     imatrix = calibration.imatrix.save(tmp_path / "ours.imatrix.gguf")
     theirs = tmp_path / "theirs.gguf"
-    subprocess.run([LLAMA_QUANTIZE, "--pure", "--imatrix", imatrix, tiny_gguf("F32"), theirs, "Q4_0", "1"],
+    subprocess.run([llama_quantize, "--pure", "--imatrix", imatrix, tiny_gguf("F32"), theirs, "Q4_0", "1"],
                    check=True, capture_output=True)
     ours = convert(tiny_llama, tmp_path / "ours.gguf", "uniform", type="Q4_0", imatrix=imatrix, progress=False)
     theirs_tensors = {tensor.name: bytes(tensor.data) for tensor in gguf.GGUFReader(theirs).tensors}
@@ -180,7 +176,8 @@ def test_imatrix_conversion_matches_llama_quantize(calibration, tmp_path, tiny_l
             assert bytes(tensor.data) == theirs_tensors[tensor.name], tensor.name
 
 
-def test_unit_importance_is_llama_quantizes_search_and_lowers_the_error(tiny_llama, tiny_gguf, tmp_path):
+def test_unit_importance_is_llama_quantizes_search_and_lowers_the_error(tiny_llama, tiny_gguf, tmp_path,
+                                                                       llama_quantize):
     """--imatrix unit: the bytes llama-quantize writes given an all-ones imatrix, with less error than plain Q4_0."""
     model = open_checkpoint(tiny_llama)
     unit = load_importance("unit", model)
@@ -198,13 +195,12 @@ def test_unit_importance_is_llama_quantizes_search_and_lowers_the_error(tiny_lla
             values = gguf.quants.dequantize(tensors[name].data, QType.Q4_0).reshape(source.shape)
             errors[label] += float(((values - source) ** 2).sum())
     assert errors["unit"] < 0.95 * errors["plain"], errors
-    if LLAMA_QUANTIZE.exists():
-        theirs = tmp_path / "theirs.gguf"
-        subprocess.run([LLAMA_QUANTIZE, "--pure", "--imatrix", unit.save(tmp_path / "unit.imatrix.gguf"),
-                        tiny_gguf("F32"), theirs, "Q4_0", "1"], check=True, capture_output=True)
-        for tensor in gguf.GGUFReader(theirs).tensors:
-            if tensor.tensor_type == QType.Q4_0:
-                assert bytes(tensor.data) == bytes(ours_tensors[tensor.name].data), tensor.name
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([llama_quantize, "--pure", "--imatrix", unit.save(tmp_path / "unit.imatrix.gguf"),
+                    tiny_gguf("F32"), theirs, "Q4_0", "1"], check=True, capture_output=True)
+    for tensor in gguf.GGUFReader(theirs).tensors:
+        if tensor.tensor_type == QType.Q4_0:
+            assert bytes(tensor.data) == bytes(ours_tensors[tensor.name].data), tensor.name
     with pytest.raises(InputError, match="needs the model"):
         load_importance("unit")
 

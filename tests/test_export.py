@@ -17,8 +17,6 @@ from ewq_gguf import InputError, OutputError, UnsupportedArchitectureError
 from ewq_gguf.source.live import live_tensors
 from tiny_models import TINY, make_tiny_model
 
-peft = pytest.importorskip("peft")
-
 TRAINING_TEXT = "The lighthouse keeper counted the ships every evening, twelve on quiet nights."
 WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -118,7 +116,13 @@ def test_model_is_unchanged(tiny_folders, tmp_path, dtype):
     assert digest(model) == before
 
 
-def lora_model(model, **settings):
+@pytest.fixture(scope="module")
+def peft():
+    """peft (the peft extra, part of the test extra), for the tests of adapter merging only."""
+    return pytest.importorskip("peft")
+
+
+def lora_model(peft, model, **settings):
     return peft.get_peft_model(model, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False,
                                                           **settings}))
 
@@ -132,9 +136,9 @@ def lora_model(model, **settings):
                                               use_rslora=True)),
     ("Phi3ForCausalLM", torch.float16, dict(target_modules=["qkv_proj", "gate_up_proj"], lora_alpha=32))],
     ids=["llama-modules_to_save", "qwen2-bf16-lora_bias", "qwen3-tied-embedding-rslora", "phi3-f16-fused"])
-def test_peft_export_equals_merged_export(tiny_folders, tmp_path, architecture, dtype, settings):
+def test_peft_export_equals_merged_export(tiny_folders, tmp_path, peft, architecture, dtype, settings):
     model, tokenizer = load(tiny_folders(architecture), dtype)
-    adapted = lora_model(model, **settings)
+    adapted = lora_model(peft, model, **settings)
     before = digest(adapted)
     exported = ewq_gguf.export(adapted, tokenizer, tmp_path / "lora.gguf", type="F32", progress=False)
     assert digest(adapted) == before
@@ -145,9 +149,9 @@ def test_peft_export_equals_merged_export(tiny_folders, tmp_path, architecture, 
     assert base_only.path.read_bytes() == exported.path.read_bytes()   # the base model is the adapted one
 
 
-def test_peft_two_active_adapters_and_a_merged_one(tiny_folders, tmp_path):
+def test_peft_two_active_adapters_and_a_merged_one(tiny_folders, tmp_path, peft):
     model, tokenizer = load(tiny_folders("MistralForCausalLM"))
-    adapted = lora_model(model, target_modules=["q_proj", "o_proj"])
+    adapted = lora_model(peft, model, target_modules=["q_proj", "o_proj"])
     adapted.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "up_proj"],
                                                    init_lora_weights=False))
     adapted.base_model.set_adapter(["default", "second"])
@@ -161,7 +165,7 @@ def test_peft_two_active_adapters_and_a_merged_one(tiny_folders, tmp_path):
                            progress=False).path.read_bytes() == expected.path.read_bytes()
 
 
-def test_adapter_layers_in_a_plain_model(tiny_folders, tmp_path):
+def test_adapter_layers_in_a_plain_model(tiny_folders, tmp_path, peft):
     """LoRA layers inside a transformers model with no PeftModel around it, as transformers' own integration
     (model.add_adapter) and peft's inject_adapter_in_model leave them."""
     model, tokenizer = load(tiny_folders("LlamaForCausalLM"))
@@ -243,7 +247,7 @@ def test_unsupported_architecture(tiny_folders, tmp_path):
         ewq_gguf.export(model, tokenizer, tmp_path / "out.gguf", progress=False)
 
 
-def test_unmergeable_adapters_refused(tiny_folders, tmp_path):
+def test_unmergeable_adapters_refused(tiny_folders, tmp_path, peft):
     model, tokenizer = load(tiny_folders("LlamaForCausalLM"))
     dora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(InputError, match="DoRA"):
@@ -255,9 +259,9 @@ def test_unmergeable_adapters_refused(tiny_folders, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_missing_peft_is_an_input_error(tiny_folders, tmp_path, monkeypatch):
+def test_missing_peft_is_an_input_error(tiny_folders, tmp_path, monkeypatch, peft):
     model, tokenizer = load(tiny_folders("LlamaForCausalLM"))
-    adapted = lora_model(model, target_modules=["q_proj"])
+    adapted = lora_model(peft, model, target_modules=["q_proj"])
     for name in [name for name in sys.modules if name == "peft" or name.startswith("peft.")]:
         monkeypatch.setitem(sys.modules, name, None)   # import peft now fails, as when it is not installed
     with pytest.raises(InputError, match=r"pip install 'ewq-gguf\[peft\]'"):

@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -166,8 +165,6 @@ def test_dry_run_size_is_exact(tiny_llama, tmp_path):
 
 
 # --- llama-quantize recipe -----------------------------------------------------------------------------------------
-LLAMA_QUANTIZE = Path(__file__).resolve().parent.parent / "vendor" / "build" / "bin" / "llama-quantize"
-
 
 def recipe_types(recipe: str, names: list[str]) -> dict[str, str]:
     """The type llama-quantize gives each name: that of the first recipe line whose pattern is found in the name."""
@@ -189,13 +186,12 @@ def test_recipe_names_each_tensor_exactly(tiny_model):
     assert re.fullmatch(recipe_pattern("a+b(c)[d]{e}|f?g*h^i$j\\k"), "a+b(c)[d]{e}|f?g*h^i$j\\k")
 
 
-@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built")
-def test_llama_quantize_applies_recipe(tiny_model, tiny_llama, tiny_gguf, tmp_path):
+def test_llama_quantize_applies_recipe(tiny_model, tiny_llama, tiny_gguf, tmp_path, llama_quantize):
     """llama-quantize --tensor-type-file with our recipe writes every tensor in our type, with our bytes."""
     recipe, theirs = tmp_path / "recipe.txt", tmp_path / "theirs.gguf"
     ours = convert(tiny_llama, tmp_path / "ours.gguf", "zd", analysis=made_analysis(tiny_model, zd=[0.16, 0.15]),
                    fraction=0.5, plan_out=recipe, progress=False)
-    subprocess.run([LLAMA_QUANTIZE, "--tensor-type-file", recipe, tiny_gguf("F32"), theirs, "Q8_0", "1"],
+    subprocess.run([llama_quantize, "--tensor-type-file", recipe, tiny_gguf("F32"), theirs, "Q8_0", "1"],
                    check=True, capture_output=True)
     theirs_tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(theirs).tensors}
     ours_tensors = gguf.GGUFReader(ours.path).tensors

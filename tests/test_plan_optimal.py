@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ewq_gguf.errors import InputError
-from ewq_gguf.plan.optimal import choose, parse_candidates, stored_types
+from ewq_gguf.plan.optimal import candidate_choices, choose, parse_candidates, stored_types
+from ewq_gguf.source.model import open_checkpoint
 
 
 def brute_force(sizes, costs, budget):
@@ -76,3 +77,18 @@ def test_candidates_a_row_cannot_hold_are_planned_as_llama_cpps_fallback():
     # rows of 512 hold every k-quant
     assert all(stored == asked for stored, asked in stored_types(k_quants, 512).items())
     assert len(stored_types(k_quants, 512)) == len(k_quants)
+
+
+@pytest.mark.parametrize("alpha, t2", [(1.0, float("nan")), (float("nan"), 0.01), (1.0, float("inf"))])
+def test_a_cost_that_is_not_a_number_is_refused(tiny_llama, alpha, t2):
+    """A NaN cost would silently drop its choice from the DP (NaN compares false), which could leave a plan over
+    the budget with a predicted KL of NaN: refused, naming the weight and the type."""
+    model = open_checkpoint(tiny_llama)
+    matrices = [spec.name for spec in model.specs if spec.is_matrix]
+    alphas = dict.fromkeys(matrices, 1.0)
+    errors = {name: {"Q8_0": [0.001, 0.001], "Q4_K": [0.01, 0.01]} for name in matrices}
+    alphas["blk.1.ffn_down.weight"] = alpha
+    errors["blk.1.ffn_down.weight"]["Q4_K"] = [t2, t2]
+    with pytest.raises(InputError, match=r"cannot plan 'blk\.1\.ffn_down\.weight': its predicted KL increase in "
+                                         r"(Q4_K|Q8_0) is (nan|inf)"):
+        candidate_choices(model, alphas, errors, parse_candidates("Q4_K,Q8_0"), "weighted")

@@ -1,6 +1,8 @@
 """quantize()'s backends: ggml's encoders through ctypes on a thread pool, and the choice between them and ours."""
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -64,3 +66,44 @@ def test_unknown_backend_is_refused():
 def test_no_rows():
     data = quantize(torch.zeros(0, 256), QType.Q4_K, backend="ggml", threads=4)
     assert data.shape == (0, 144) and data.dtype == torch.uint8
+
+
+# struct ggml_type_traits as this module reads it, with one change each: what a llama-cpp-python whose ggml.h
+# differs from the one it was copied from would look like
+_FIELDS = dict(ggml_backend._TypeTraits._fields_)
+OTHER_LAYOUTS = {
+    # the struct before ggml added blck_size_interleave: type_size and everything after it shift
+    "without blck_size_interleave": [(name, kind) for name, kind in _FIELDS.items() if name != "blck_size_interleave"],
+    # the two function pointers in the other order: to_float would be the encoder
+    "to_float and from_float_ref swapped": [(name, _FIELDS[name]) for name in (
+        "type_name", "blck_size", "blck_size_interleave", "type_size", "is_quantized", "from_float_ref", "to_float")],
+}
+
+
+@pytest.fixture
+def fresh_ggml(monkeypatch):
+    """The library loaded anew by the test, and again after it (after monkeypatch undoes its changes)."""
+    ggml_backend._library.cache_clear()
+    ggml_backend.available.cache_clear()
+    yield
+    ggml_backend._library.cache_clear()
+    ggml_backend.available.cache_clear()
+
+
+def test_the_installed_library_passes_the_layout_check(fresh_ggml):
+    assert ggml_backend._layout_problem(ggml_backend._library()) is None
+
+
+@pytest.mark.parametrize("layout", OTHER_LAYOUTS)
+def test_a_library_laid_out_otherwise_is_refused(monkeypatch, fresh_ggml, layout):
+    monkeypatch.setattr(ggml_backend, "_TypeTraits", type("Traits", (ctypes.Structure,),
+                                                          {"_fields_": OTHER_LAYOUTS[layout]}))
+    with pytest.raises(EwqGgufError, match=r"^the ggml quantizer is unavailable: ewq-gguf does not read the "
+                                           r"libggml-base of llama-cpp-python \S+ right \(.+\)$"):
+        ggml_backend._library()
+    assert not ggml_backend.available()
+    rows = make_rows("gaussian", 4, 256)
+    with pytest.raises(EwqGgufError, match="the ggml quantizer is unavailable"):
+        quantize(rows, QType.Q4_K, backend="ggml")
+    # auto falls back to our encoders, which give the same bytes
+    assert_same_bytes(quantize(rows, QType.Q4_K), quantize(rows, QType.Q4_K, backend="torch"))

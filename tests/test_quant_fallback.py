@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from gguf import GGUFReader
 
 from ewq_gguf.quant import QType, can_hold, effective_type, quantize
 
-LLAMA_QUANTIZE = Path(__file__).resolve().parent.parent / "vendor" / "build" / "bin" / "llama-quantize"
 
 
 @pytest.mark.parametrize("requested, n_per_row, expected", [
@@ -61,13 +59,11 @@ def test_type_without_fallback_is_refused_like_llama_quantize():
 
 
 @pytest.fixture(scope="module")
-def odd_width_gguf(tmp_path_factory):
+def odd_width_gguf(tmp_path_factory, llama_quantize):
     """An F32 GGUF of a tiny Llama whose widths are 96 (a multiple of 32, not 256) and 100 (not even of 32)."""
     from ewq_gguf.api import convert
     from tiny_models import make_tiny_model
 
-    if not LLAMA_QUANTIZE.exists():
-        pytest.skip("llama-quantize not built (vendor/build_llama_tools.sh)")
     folder = tmp_path_factory.mktemp("odd-width")
     model = make_tiny_model(folder / "model", "LlamaForCausalLM", hidden_size=96, intermediate_size=100,
                             num_attention_heads=2, num_key_value_heads=1)
@@ -76,10 +72,10 @@ def odd_width_gguf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("requested", REQUESTED)
-def test_matches_llama_quantize(odd_width_gguf, tmp_path, requested):
+def test_matches_llama_quantize(odd_width_gguf, tmp_path, requested, llama_quantize):
     """llama-quantize --pure writes every matrix in effective_type, with the bytes our encoders produce."""
     out = tmp_path / f"{requested.name}.gguf"
-    subprocess.run([str(LLAMA_QUANTIZE), "--pure", str(odd_width_gguf), str(out), requested.name, "1"],
+    subprocess.run([str(llama_quantize), "--pure", str(odd_width_gguf), str(out), requested.name, "1"],
                    check=True, capture_output=True)
     source = {t.name: t for t in GGUFReader(str(odd_width_gguf)).tensors}
     matrices = [t for t in GGUFReader(str(out)).tensors if len(t.shape) == 2]

@@ -7,6 +7,7 @@ problem, no traceback, and an output folder as empty as it started.
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import ewq_gguf.write as write_module
 from ewq_gguf.api import convert
 from ewq_gguf.errors import InputError, OutputError
 from ewq_gguf.plan import Plan
+from ewq_gguf.quant import CODECS, row_nbytes
 from ewq_gguf.write import parse_size
 from llama_runner import gguf_logits, relative_error
 from test_convert import CliResult, run_cli
@@ -251,6 +253,42 @@ def test_tensor_in_two_shards_refused(sharded_copy, out_dir):
     assert_refused(run_cli("convert", sharded_copy, out_dir / "m.gguf"), out_dir, "stored twice")
 
 
+# --- plans naming a type we cannot encode ------------------------------------------------------------------------
+
+ENCODED = "(it encodes " + ", ".join(sorted(qtype.name for qtype in CODECS)) + ")"
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_plan_with_a_type_we_cannot_encode_refused(tiny_llama, out_dir, tmp_path, dry_run):
+    plan = convert(tiny_llama, out_dir / "m.gguf", type="Q8_0", dry_run=True, progress=False).plan.to_dict()
+    entry = next(entry for entry in plan["entries"] if entry["name"] == "blk.0.ffn_down.weight")
+    entry["requested"] = entry["type"] = "IQ2_XS"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    result = run_cli("convert", tiny_llama, out_dir / "m.gguf", "--plan", tmp_path / "plan.json",
+                     *(["--dry-run"] if dry_run else []))
+    assert_refused(result, out_dir, f"plan.json: tensor 'blk.0.ffn_down.weight' has type IQ2_XS, which ewq-gguf "
+                                    f"cannot encode {ENCODED}")
+
+
+def test_types_copied_from_a_gguf_we_cannot_encode_refused(tiny_llama, tiny_gguf, out_dir, tmp_path):
+    """--plan published.gguf, where the published file stores a tensor as IQ2_XS."""
+    published = tmp_path / "published.gguf"
+    writer = gguf.GGUFWriter(published, "llama")
+    for tensor in gguf.GGUFReader(tiny_gguf("Q8_0")).tensors:
+        data, qtype = np.asarray(tensor.data), tensor.tensor_type
+        if tensor.name == "blk.0.ffn_down.weight":
+            qtype = gguf.GGMLQuantizationType.IQ2_XS
+            data = np.zeros((data.shape[0], row_nbytes(qtype, int(tensor.shape[0]))), dtype=np.uint8)
+        writer.add_tensor(tensor.name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("convert", tiny_llama, out_dir / "m.gguf", "--plan", published, "--dry-run")
+    assert_refused(result, out_dir, f"published.gguf: tensor 'blk.0.ffn_down.weight' has type IQ2_XS, which "
+                                    f"ewq-gguf cannot encode {ENCODED}")
+
+
 # --- write failures ----------------------------------------------------------------------------------------------
 
 def fail_after(monkeypatch, writes: int, failure: Callable[[], None]) -> None:
@@ -293,14 +331,31 @@ def test_free_space_counts_the_whole_file(tiny_llama, out_dir, monkeypatch):
     assert (out_dir / "m.gguf").stat().st_size == dry.bytes
 
 
-def test_ctrl_c_while_writing_removes_the_temporaries(tiny_llama, out_dir, monkeypatch):
+@pytest.fixture
+def sigint_handled():
+    """SIGINT raises KeyboardInterrupt during the test, whatever pytest was started with: a test suite run as a
+    background job inherits SIGINT ignored, and the writer rightly leaves an ignored signal ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def sigint_ignored():
+    """SIGINT ignored during the test, as in a process started by `cmd &` from a script or by nohup."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_writing_removes_the_temporaries(tiny_llama, out_dir, monkeypatch, sigint_handled):
     fail_after(monkeypatch, 5, lambda: signal.raise_signal(signal.SIGINT))
     result = run_cli("convert", tiny_llama, out_dir / "m.gguf", "--type", "Q8_0", "--quiet", "--split-max-size", "500K")
     assert_refused(result, out_dir, "interrupted by SIGINT; nothing was written")
     assert result.returncode == 128 + signal.SIGINT
 
 
-def test_signal_while_putting_in_place_waits_for_the_files(tiny_llama, out_dir, monkeypatch):
+def test_signal_while_putting_in_place_waits_for_the_files(tiny_llama, out_dir, monkeypatch, sigint_handled):
     """Ctrl-C during the renames is held until every part is in place, then raised as usual."""
     original = write_module._put_in_place
 
@@ -314,6 +369,44 @@ def test_signal_while_putting_in_place_waits_for_the_files(tiny_llama, out_dir, 
     parts = sorted(out_dir.iterdir())
     assert [p.name for p in parts] == [f"m-{i:05d}-of-00004.gguf" for i in range(1, 5)]
     write_module.verify(parts, convert(tiny_llama, out_dir / "x.gguf", type="Q8_0", dry_run=True, progress=False).plan)
+
+
+@pytest.mark.parametrize("stage", ["writing", "putting in place"])
+def test_signal_ignored_at_start_stays_ignored(tiny_llama, out_dir, monkeypatch, sigint_ignored, stage):
+    """A conversion started with SIGINT ignored is neither interrupted by one nor raises it again at the end, and
+    leaves it ignored."""
+    if stage == "writing":
+        fail_after(monkeypatch, 5, lambda: signal.raise_signal(signal.SIGINT))
+    else:
+        original = write_module._put_in_place
+
+        def put_in_place(*args, **kwargs):
+            signal.raise_signal(signal.SIGINT)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(write_module, "_put_in_place", put_in_place)
+    result = convert(tiny_llama, out_dir / "m.gguf", type="Q8_0", split_max_size="500K", progress=False)
+    parts = sorted(out_dir.iterdir())
+    assert [p.name for p in parts] == [f"m-{i:05d}-of-00004.gguf" for i in range(1, 5)]
+    write_module.verify(parts, result.plan)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+# --- a gguf-py whose writer changed -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", ["format_shard_names takes other arguments", "files named without asking"])
+def test_a_changed_gguf_writer_is_refused_before_writing(tiny_llama, out_dir, monkeypatch, change):
+    """The writer overrides gguf-py's format_shard_names to write under temporary names; a gguf-py that calls it
+    otherwise, or names its files without it (which would write straight onto OUT), is refused up front."""
+    if change == "format_shard_names takes other arguments":
+        monkeypatch.setattr(gguf.GGUFWriter, "format_shard_names", lambda self, path, count: [path])
+    else:
+        monkeypatch.setattr(gguf.GGUFWriter, "print_plan",
+                            lambda self: gguf.GGUFWriter.format_shard_names(self, self.path))
+    result = run_cli("convert", tiny_llama, out_dir / "m.gguf", "--type", "Q8_0", "--quiet")
+    assert_refused(result, out_dir, f"ewq-gguf's writer does not work with the installed gguf "
+                                    f"{importlib.metadata.version('gguf')}: ")
+    assert result.returncode == 1
 
 
 # --- SIGTERM from outside, and two conversions at once --------------------------------------------------------------

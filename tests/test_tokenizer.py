@@ -25,7 +25,6 @@ from ewq_gguf.tokenizer import (PRE_TOKENIZERS, TokenizerWarning, add_tokenizer,
                                 write_vocab)
 from tiny_tokenizers import BPE_STYLES, SAMPLE_TEXT, make_bpe_tokenizer, make_spm_tokenizer
 
-DEV_MODEL = Path("/work/devmodels/smollm2")
 
 TEXTS = [
     "Hello world",
@@ -307,14 +306,13 @@ def test_generation_config_supplies_a_missing_eos():
     assert build_vocab(tokenizer, {"eos_token_id": 0}).eos_id == 0
 
 
-@pytest.mark.skipif(not (DEV_MODEL / "tokenizer.json").is_file(), reason="development model not present")
-def test_dev_model_tokenises_like_hf(tmp_path):
+def test_dev_model_tokenises_like_hf(tmp_path, dev_model):
     folder = tmp_path / "smollm2"
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
-        if (DEV_MODEL / name).is_file():
-            shutil.copy(DEV_MODEL / name, folder / name)
-    config = json.loads((DEV_MODEL / "config.json").read_text())
+        if (dev_model / name).is_file():
+            shutil.copy(dev_model / name, folder / name)
+    config = json.loads((dev_model / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     gguf_path, warned = convert(folder, config)
     assert warned == []

@@ -1,13 +1,15 @@
 """A calibration: what running the model on real text measured, saved once and reused by every later plan.
 
 Saved as CALIB.json plus a sibling CALIB.imatrix.gguf (llama-imatrix's GGUF format, so llama-quantize --imatrix
-reads ours too). The JSON holds, per block, the LIM score; per weight, the sensitivity alpha from noise injection
-with its raw measurements; and, when measured, the relative quantization error of every candidate type.
+reads ours too). The JSON holds, per block, the LIM score; per weight, the sensitivity alpha (from gradients, with
+one estimate per calibration sequence, or from noise injection, with its raw measurements); and, when measured, the
+relative quantization error of every candidate type.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +20,8 @@ from ..errors import InputError
 from ..imatrix import UNIT, ImportanceMatrix
 from ..source.model import SourceModel
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2
+READABLE_FORMATS = (1, 2)    # format 1: noise-injection sensitivities only, no per-sequence samples
 IMATRIX_SUFFIX = ".imatrix.gguf"
 
 
@@ -32,18 +35,23 @@ def model_fingerprint(model: SourceModel) -> str:
 
 @dataclass
 class Sensitivity:
-    """Noise injection into one weight: KL(base || noisy) per token at each relative noise size, and the fits.
+    """How much one weight's error costs: the predicted KL increase of an error of relative size t2 is alpha * t2
+    (alpha_weighted * t2_weighted for errors measured with the importance vectors a_j, the columns' mean squared
+    activations: t2_weighted = sum_j a_j ||E_:j||^2 / sum_j a_j ||W_:j||^2).
 
-    t2[k] = ||E||^2 / ||W||^2 (exactly the level asked for); t2_weighted[k] = sum_j a_j ||E_:j||^2 / sum_j a_j ||W_:j||^2
-    with a_j the column's mean squared activation (the imatrix). alpha and alpha_weighted are least-squares slopes
-    through the origin of kl against each, so that the predicted KL increase of an error is alpha * t2.
+    From gradients (passes.py): samples[k] is the estimate from calibration sequence k alone, alpha their mean; the
+    spread over sequences is the uncertainty. From noise injection: t2[k] = ||E||^2 / ||W||^2 (exactly the level asked
+    for), t2_weighted[k] its weighted size and kl[k] the measured KL(base || noisy) per token; alpha and
+    alpha_weighted are least-squares slopes through the origin of kl against each.
     """
 
     alpha: float
     alpha_weighted: float
-    t2: list[float]
-    t2_weighted: list[float]
-    kl: list[float]
+    t2: list[float] = field(default_factory=list)
+    t2_weighted: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)
+    samples_weighted: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -57,9 +65,10 @@ class Calibration:
     ctx: int
     device: str
     lim: list[float]                           # per block: -mean cos(block input, block output)
-    sensitivity: dict[str, Sensitivity]        # GGUF weight name -> noise-injection measurement
+    sensitivity: dict[str, Sensitivity]        # GGUF weight name -> its measured sensitivity
     sensitivity_tokens: int
-    noise_levels: list[float]
+    noise_levels: list[float]                  # noise injection's levels (empty for gradients)
+    sensitivity_method: str = "noise"          # "fisher" (gradients) or "noise" (noise injection)
     seconds: dict[str, float] = field(default_factory=dict)
     # quantization errors: "plain" | "imatrix" -> weight -> type -> [t2, t2_weighted]
     errors: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
@@ -88,14 +97,22 @@ class Calibration:
         return data
 
     def save(self, path: str | Path) -> Path:
-        """Write PATH (JSON) and PATH's stem + .imatrix.gguf beside it; returns the JSON path."""
+        """Write PATH (JSON) and PATH's stem + .imatrix.gguf beside it; returns the JSON path. Each is written under
+        a temporary name and renamed when complete, the JSON last: a calibration JSON that exists is whole."""
         path = Path(path)
         imatrix_path = imatrix_path_for(path)
-        self.imatrix.save(imatrix_path)
+        partial_imatrix = imatrix_path.with_name(imatrix_path.name + ".partial")
+        partial_json = path.with_name(path.name + ".partial")
         try:
-            path.write_text(json.dumps(self.to_dict(imatrix_path.name), indent=1))
+            self.imatrix.save(partial_imatrix)
+            os.replace(partial_imatrix, imatrix_path)
+            partial_json.write_text(json.dumps(self.to_dict(imatrix_path.name), indent=1))
+            os.replace(partial_json, path)
         except OSError as exc:
             raise InputError(f"{path}: cannot write the calibration ({exc})") from exc
+        finally:
+            partial_imatrix.unlink(missing_ok=True)
+            partial_json.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -108,9 +125,9 @@ class Calibration:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: not a calibration JSON ({exc})") from exc
         try:
-            if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+            if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
                 raise ValueError(f"calibration format {data.get('format') if isinstance(data, dict) else None!r}, "
-                                 f"expected {CALIBRATION_FORMAT}")
+                                 f"expected one of {READABLE_FORMATS}")
             imatrix_file = path.parent / data.pop("imatrix_file")
             data.pop("format")
             data["sensitivity"] = {name: Sensitivity(**value) for name, value in data["sensitivity"].items()}

@@ -1,22 +1,30 @@
 """CALIBRATE: run the checkpoint on real text once and measure what the calibration-driven plans need.
 
-1. Activations, streamed over `tokens` tokens in chunks of `ctx` (decoder only; the head's input is the decoder's
-   output): per block, LIM = -mean over tokens of cos(block input, block output); per weight, the sum of squared
-   input activations per column and the token count (llama.cpp's imatrix: importance = sum / count). Weights whose
-   rows are permuted for llama.cpp (Q and K) keep their input columns, so the same vector serves them.
-2. Sensitivities: noise injection into each weight on `sensitivity_tokens` tokens (sensitivity.py).
+The model is streamed block by block (stream.py, passes.py): memory holds the weights outside the blocks, one
+block, and one chunk of hidden states at a time, whatever the model's depth; what passes between blocks lives in a
+work folder beside the output, from which an interrupted run resumes (workfolder.py).
+
+1. Activations over `tokens` tokens in chunks of `ctx`: per block, LIM = -mean over tokens of cos(block input, block
+   output); per weight, the sum of squared input activations per column and the token count (llama.cpp's imatrix:
+   importance = sum / count). Weights whose rows are permuted for llama.cpp (Q and K) keep their input columns, so
+   the same vector serves them.
+2. Sensitivities (the linearity theorem's alpha), by default from the Fisher information of the model's output,
+   one backward pass per chunk over `sensitivity_tokens` tokens (passes.py); or, with sensitivity="noise", by noise
+   injection into each weight of the whole model in memory (sensitivity.py), the reference the Fisher estimate is
+   checked against.
 3. Optionally the relative quantization error of each weight in each candidate type, without and with the
    importance vectors (quant_error.py), so that later plans of any size need no quantization at all.
 """
 from __future__ import annotations
 
+import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..errors import InputError
@@ -24,31 +32,49 @@ from ..imatrix import ImportanceMatrix
 from ..progress import progress_bar
 from ..quant import CODECS, QType
 from ..source.model import SourceModel, open_checkpoint
-from .calibration import Calibration, model_fingerprint
+from .calibration import CALIBRATION_FORMAT, Calibration, Sensitivity, model_fingerprint
+from .passes import BlockPasses, chunk_alphas
 from .quant_error import DEFAULT_SAMPLE, error_table
 from .runner import ModelRunner, calibration_tokens
 from .sensitivity import DEFAULT_NOISE_LEVELS, measure_sensitivities
+from .stream import StreamedModel
+from .workfolder import WorkFolder
 
 DEFAULT_TOKENS = 32768
 DEFAULT_CTX = 512
-DEFAULT_SENSITIVITY_TOKENS = 128
-# sensitivity sequences are short: every position counts as a sample, and attention over 128 tokens is cheap
-SENSITIVITY_SEQUENCE = 128
+SENSITIVITY_METHODS = ("fisher", "noise")
+# tokens the sensitivities rest on, per method: a backward pass per chunk is cheap enough for thousands of tokens;
+# noise injection runs the rest of the model once per weight and noise level
+DEFAULT_SENSITIVITY_TOKENS = {"fisher": 4096, "noise": 128}
+# noise-injection sequences are short: every position counts as a sample, and attention over 128 tokens is cheap
+NOISE_SEQUENCE = 128
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration measures less than was asked for (a text shorter than --tokens)."""
 
 
 def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, tokens: int = DEFAULT_TOKENS,
-              ctx: int = DEFAULT_CTX, device: str = "auto", sensitivity_tokens: int = DEFAULT_SENSITIVITY_TOKENS,
-              noise_levels: Sequence[float] = DEFAULT_NOISE_LEVELS, error_types: Sequence[QType] = tuple(CODECS),
-              error_sample: int = DEFAULT_SAMPLE, threads: Optional[int] = None,
+              ctx: int = DEFAULT_CTX, device: str = "auto", sensitivity: str = "fisher",
+              sensitivity_tokens: Optional[int] = None, noise_levels: Sequence[float] = DEFAULT_NOISE_LEVELS,
+              error_types: Sequence[QType] = tuple(CODECS), error_sample: int = DEFAULT_SAMPLE,
+              threads: Optional[int] = None, work_dir: Optional[str | Path] = None, seed: int = 0,
               progress: bool = True) -> Calibration:
     """Measure LIM scores, importance vectors and sensitivities of the checkpoint in `model_dir` on `text`
     (default: real English text found on this machine), and the quantization error tables of `error_types`
     (every type we encode by default; empty: none, the optimal planner then measures them when it plans).
 
-    threads: CPU threads for torch (default: torch's choice). On a CPU shared with other work, fewer threads than
-    cores can be several times faster: torch's threads wait for each other at every operation."""
+    sensitivity: "fisher" (gradients, streamed) or "noise" (noise injection, whole model in memory).
+    work_dir: where the passes keep their files; a later call with the same work_dir and arguments resumes an
+    interrupted run there (default: a temporary folder, removed at the end). The caller removes it once the result
+    is saved. threads: CPU threads for torch (default: torch's choice); on a CPU shared with other work, fewer
+    threads than cores can be several times faster."""
     from ..validate.text import load_text
 
+    if sensitivity not in SENSITIVITY_METHODS:
+        raise InputError(f"unknown sensitivity method '{sensitivity}' (one of {', '.join(SENSITIVITY_METHODS)})")
+    if sensitivity_tokens is None:
+        sensitivity_tokens = DEFAULT_SENSITIVITY_TOKENS[sensitivity]
     if tokens < 1 or ctx < 8 or sensitivity_tokens < 1:
         raise InputError("--tokens and --sensitivity-tokens must be positive and --ctx at least 8")
     if not noise_levels or any(not 0 < level < 1 for level in noise_levels):
@@ -62,55 +88,79 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     calibration_text = load_text(text)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    runner = ModelRunner(model_dir, source, torch_device)
-    chunks = calibration_tokens(runner.tokenizer, calibration_text.content, tokens, ctx)
+    model = StreamedModel(model_dir, torch_device)
+    chunks = calibration_tokens(model.tokenizer, calibration_text.content, tokens, ctx)
+    if chunks.numel() < tokens:
+        warnings.warn(f"calibrating on {chunks.numel()} tokens, fewer than the {tokens} asked for (--tokens): "
+                      f"{calibration_text.source} holds only {chunks.shape[0]} chunks of {ctx}", CalibrationWarning,
+                      stacklevel=2)
+    n_grad = min(int(chunks.shape[0]), -(-sensitivity_tokens // ctx)) if sensitivity == "fisher" else 0
     seconds["load"] = time.perf_counter() - started
 
-    started = time.perf_counter()
     imatrix = ImportanceMatrix(datasets=[str(calibration_text.source)], chunk_count=int(chunks.shape[0]),
                                chunk_size=int(chunks.shape[1]))
-    cos_sums = np.zeros(runner.n_blocks)
-    cos_counts = np.zeros(runner.n_blocks)
-    head_name = runner.head_weight_name()
+    key = {"format": CALIBRATION_FORMAT, "model": model_fingerprint(source), "text": calibration_text.sha256,
+           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad, "seed": seed}
 
-    def on_linear_input(name: str, inputs: torch.Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()
-        imatrix.add(name, flat.pow(2).sum(0).double().cpu().numpy(), flat.shape[0])
+    def bar(items, **options):
+        return progress_bar(items, enabled=progress, **options)
 
-    def on_block(index: int, block_in: torch.Tensor, block_out: torch.Tensor) -> None:
-        cosine = F.cosine_similarity(block_in.float(), block_out.float().to(block_in.device), dim=-1)
-        cos_sums[index] += float(cosine.double().sum())
-        cos_counts[index] += cosine.numel()
-
-    def on_head_input(hidden: torch.Tensor) -> None:
-        if head_name is not None:
-            on_linear_input(head_name, hidden)
-
-    runner.collect(chunks, on_linear_input, on_block, on_head_input,
-                   lambda items: progress_bar(items, desc="activations", unit="chunk", enabled=progress))
-    lim = [float(-total / count) for total, count in zip(cos_sums, cos_counts)]
-    seconds["activations"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    vectors = imatrix.vectors()
-    sequence = min(SENSITIVITY_SEQUENCE, chunks.shape[1])
-    n_sequences = min(chunks.shape[0], max(1, -(-sensitivity_tokens // sequence)))
-    ids = chunks[:n_sequences, :sequence]
-    sensitivity = measure_sensitivities(runner, ids, list(noise_levels), vectors.get, progress=progress)
-    seconds["sensitivity"] = time.perf_counter() - started
+    with _work_folder(work_dir, key) as work:
+        passes = BlockPasses(model, source, chunks, n_grad, work, imatrix, bar, seed=seed)
+        model.record_layer_arguments(chunks[:1])
+        started = time.perf_counter()
+        passes.forward()
+        passes.head()
+        seconds["activations"] = time.perf_counter() - started
+        lim = passes.lim()
+        if sensitivity == "fisher":
+            started = time.perf_counter()
+            passes.backward()
+            passes.embedding()
+            sensitivities = {name: _fisher_sensitivity(traces, work.state["norms"][name], int(chunks.shape[1]))
+                             for name, traces in work.state["traces"].items()}
+            seconds["sensitivity"] = time.perf_counter() - started
+            sensitivity_ids_count = n_grad * int(chunks.shape[1])
+    del model, passes
+    if sensitivity == "noise":
+        started = time.perf_counter()
+        runner = ModelRunner(model_dir, source, torch_device)
+        sequence = min(NOISE_SEQUENCE, chunks.shape[1])
+        n_sequences = min(chunks.shape[0], max(1, -(-sensitivity_tokens // sequence)))
+        ids = chunks[:n_sequences, :sequence]
+        sensitivities = measure_sensitivities(runner, ids, list(noise_levels), imatrix.vectors().get,
+                                              progress=progress)
+        sensitivity_ids_count = int(ids.numel())
+        del runner
+        seconds["sensitivity"] = time.perf_counter() - started
 
     calibration = Calibration(
         model=source.name, fingerprint=model_fingerprint(source), n_blocks=source.n_blocks,
         text=str(calibration_text.source), text_sha256=calibration_text.sha256, tokens=int(chunks.numel()),
-        ctx=int(chunks.shape[1]), device=str(torch_device), lim=lim, sensitivity=sensitivity,
-        sensitivity_tokens=int(ids.numel()), noise_levels=[float(level) for level in noise_levels],
+        ctx=int(chunks.shape[1]), device=str(torch_device), lim=lim, sensitivity=sensitivities,
+        sensitivity_tokens=sensitivity_ids_count, sensitivity_method=sensitivity,
+        noise_levels=[float(level) for level in noise_levels] if sensitivity == "noise" else [],
         seconds=seconds, imatrix=imatrix)
-    del runner
     if error_types:
         started = time.perf_counter()
         add_error_tables(calibration, source, error_types, error_sample, torch_device, progress)
         seconds["errors"] = time.perf_counter() - started
     return calibration
+
+
+@contextmanager
+def _work_folder(work_dir: Optional[str | Path], key: dict) -> Iterator[WorkFolder]:
+    if work_dir is not None:
+        yield WorkFolder(Path(work_dir), key)
+        return
+    with tempfile.TemporaryDirectory(prefix="ewq-calibration-") as temporary:
+        yield WorkFolder(Path(temporary) / "work", key)
+
+
+def _fisher_sensitivity(traces: list[float], norms: list, tokens_per_chunk: int) -> Sensitivity:
+    alphas, weighted = chunk_alphas(traces, norms, tokens_per_chunk)
+    return Sensitivity(alpha=float(alphas.mean()), alpha_weighted=float(weighted.mean()),
+                       samples=alphas.tolist(), samples_weighted=weighted.tolist())
 
 
 def add_error_tables(calibration: Calibration, source: SourceModel, types: Sequence[QType], sample: int, device: torch.device,

@@ -12,6 +12,7 @@ tensor is smaller). 0 measures every row.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -41,11 +42,19 @@ def relative_errors(rows: torch.Tensor, qtype: QType, quant_importance: Optional
     restored = dequantize(quantize(rows, qtype, quant_importance), qtype, rows.shape[1])
     delta_columns = (restored - rows).double().pow(2).sum(0)
     weight_columns = rows.double().pow(2).sum(0)
-    plain = float(delta_columns.sum() / weight_columns.sum())
+    plain = _ratio(float(delta_columns.sum()), float(weight_columns.sum()))
     if column_weights is None:
         return plain, plain
     column_weights = column_weights.to(device=rows.device, dtype=torch.float64)
-    return plain, float((column_weights * delta_columns).sum() / (column_weights * weight_columns).sum())
+    return plain, _ratio(float((column_weights * delta_columns).sum()), float((column_weights * weight_columns).sum()))
+
+
+def _ratio(error: float, norm: float) -> float:
+    """error / norm, where no error is 0 even against a zero norm: an all-zero weight is stored exactly (0/0 would
+    make the optimal planner's cost NaN). An error against a zero norm is inf, which the planner refuses."""
+    if error == 0:
+        return 0.0
+    return error / norm if norm > 0 else math.inf
 
 
 def error_table(model: SourceModel, specs: Sequence[TensorSpec], types: Sequence[QType],

@@ -1,7 +1,7 @@
-"""Running the checkpoint with transformers: calibration tokens, activation statistics, and suffix forwards.
+"""The whole model in memory, for noise-injection sensitivities (the reference method); and calibration tokens.
 
 `ModelRunner` owns a transformers model (float32, on the GPU when there is one) and knows which of its parameters is
-which GGUF weight. Two facts make the sensitivity measurements cheap: a weight of block b only changes what happens
+which GGUF weight. The default calibration streams blocks instead (stream.py) and never needs it. Two facts make the sensitivity measurements cheap: a weight of block b only changes what happens
 from block b on, so the inputs of every block are cached once and a measurement runs the blocks b.. only
 (`suffix_logits`); and the base model's log-probabilities are computed once.
 """
@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..source.model import SourceModel, TOKEN_EMBEDDING
-
-OUTPUT_HEAD = "output.weight"
+from ..source.model import OUTPUT_HEAD, SourceModel
 
 
 @dataclass(frozen=True)
@@ -94,37 +92,6 @@ class ModelRunner:
             weights.append(Weight(spec.name, found[spec.name], spec.block, start))
         return weights
 
-    def head_weight_name(self) -> Optional[str]:
-        """The GGUF weight the output head multiplies by: output.weight, or the token embedding when tied."""
-        head = self.model.get_output_embeddings().weight
-        return next((weight.name for weight in self.weights if weight.parameter is head), None)
-
-    # --- activation statistics ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def collect(self, chunks: torch.Tensor, on_linear_input, on_block, on_head_input, progress_bar) -> None:
-        """Run the decoder (not the head) over each chunk; report each linear weight's input (by GGUF name), each
-        block's input and output, and the head's input (the final normed hidden state) to the callbacks."""
-        names = {id(weight.parameter): weight.name for weight in self.weights}
-        head = self.model.get_output_embeddings()
-        handles = []
-        for module in self.decoder.modules():
-            if isinstance(module, torch.nn.Linear) and module is not head and id(module.weight) in names:
-                handles.append(module.register_forward_pre_hook(
-                    lambda module, args, kwargs, name=names[id(module.weight)]: on_linear_input(
-                        name, _hidden(args, kwargs)), with_kwargs=True))
-        for index, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_hook(
-                lambda module, args, kwargs, output, index=index: on_block(index, _hidden(args, kwargs),
-                                                                           _first(output)),
-                with_kwargs=True))
-        try:
-            for chunk in progress_bar(chunks):
-                output = self.decoder(input_ids=chunk.unsqueeze(0).to(self.input_device), use_cache=False)
-                on_head_input(output.last_hidden_state)
-        finally:
-            for handle in handles:
-                handle.remove()
-
     # --- suffix forwards ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def block_inputs(self, ids: torch.Tensor) -> tuple[list, torch.Tensor]:
@@ -183,12 +150,15 @@ def _first(output) -> torch.Tensor:
 
 
 def _placement(model_dir: str | Path, device: torch.device) -> dict:
-    """Load straight onto the device; on CUDA spread over the GPUs (and CPU) when one GPU cannot hold it."""
+    """Load straight onto the device. A model that the GPU cannot hold is refused rather than placed by
+    device_map="auto": weights it offloads are meta tensors between forwards, which noise injection fails on."""
     if device.type != "cuda":
         return {"device_map": {"": str(device)}}
     free, _ = torch.cuda.mem_get_info(device)
     weights = sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
     # stored bytes x (4 / stored width): float32 in memory; assume 16-bit storage, the usual case
-    if 2 * weights < 0.8 * free:
-        return {"device_map": {"": str(device)}}
-    return {"device_map": "auto"}
+    needed = 2 * weights
+    if needed >= 0.8 * free:
+        raise InputError(f"the model does not fit {device} for calibration: about {needed / 1e9:.1f} GB in float32, "
+                         f"{free / 1e9:.1f} GB free; use --device cpu")
+    return {"device_map": {"": str(device)}}

@@ -17,6 +17,7 @@ plan, so the budget is re-solved with the measured header until the whole file f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -129,7 +130,8 @@ def stored_types(candidates: Sequence[QType], n_per_row: int) -> dict[QType, QTy
 def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict[str, dict[str, list[float]]],
                       candidates: Sequence[QType], metric: str) -> dict[str, list[Choice]]:
     """Per optimised weight, its choices: the types its candidates are stored as (see stored_types) whose error
-    was measured."""
+    was measured. InputError when a choice's predicted KL (the DP's cost) is not finite: the DP would silently drop
+    a NaN choice and could return a plan over the budget."""
     column = METRICS.index(metric)
     choices = {}
     for spec in model.specs:
@@ -140,8 +142,12 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
         for effective, qtype in stored_types(candidates, spec.shape[-1]).items():
             if effective.name in measured:
                 t2 = measured[effective.name][column]
-                options.append(Choice(qtype, padded(tensor_nbytes(effective, spec.shape)), t2,
-                                      alphas[spec.name] * t2))
+                cost = alphas[spec.name] * t2
+                if not math.isfinite(cost):
+                    raise InputError(f"cannot plan '{spec.name}': its predicted KL increase in {effective.name} is "
+                                     f"{cost} (sensitivity {alphas[spec.name]} x relative error {t2}); the optimal "
+                                     "planner needs finite values")
+                options.append(Choice(qtype, padded(tensor_nbytes(effective, spec.shape)), t2, cost))
         if not options:
             raise InputError(f"none of the candidate types ({', '.join(t.name for t in candidates)}) can hold "
                              f"'{spec.name}' (rows of {spec.shape[-1]})")
@@ -150,10 +156,13 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
 
 
 def optimal_plan(model: SourceModel, choices: dict[str, list[Choice]], file_budget: int,
-                 file_size: Callable[[Plan], int], params: dict, resolution: int = DEFAULT_RESOLUTION) -> Plan:
+                 file_size: Callable[[Plan], int], params: dict, resolution: int = DEFAULT_RESOLUTION,
+                 samples: Optional[dict[str, np.ndarray]] = None) -> Plan:
     """The least-predicted-KL plan whose whole file (as `file_size` measures a plan) is at most file_budget bytes.
 
-    Weights without choices (1-D tensors, weights the calibration did not measure) keep their fixed types."""
+    Weights without choices (1-D tensors, weights the calibration did not measure) keep their fixed types.
+    samples: per weight, its sensitivity estimated from each calibration sequence alone; the plan then records a
+    90% bootstrap interval of its predicted KL (predicted_kld_90)."""
     names = list(choices)
     fixed_bytes = sum(padded(entry_for(spec, QType.F32, "").nbytes) for spec in model.specs
                       if spec.name not in choices)
@@ -164,7 +173,7 @@ def optimal_plan(model: SourceModel, choices: dict[str, list[Choice]], file_budg
             raise InputError(f"a file of {file_budget:,} bytes cannot hold this model's fixed tensors and header")
         picks, _ = choose([[choice.nbytes for choice in choices[name]] for name in names],
                           [[choice.predicted_kld for choice in choices[name]] for name in names], budget, resolution)
-        plan = _plan_from_picks(model, choices, dict(zip(names, picks)), params)
+        plan = _plan_from_picks(model, choices, dict(zip(names, picks)), params, samples)
         size = file_size(plan)
         if size <= file_budget:
             return plan
@@ -173,9 +182,12 @@ def optimal_plan(model: SourceModel, choices: dict[str, list[Choice]], file_budg
 
 
 def _plan_from_picks(model: SourceModel, choices: dict[str, list[Choice]], picks: dict[str, int],
-                     params: dict) -> Plan:
+                     params: dict, samples: Optional[dict[str, np.ndarray]] = None) -> Plan:
     entries = []
     total = 0.0
+    if samples:
+        params = {**params, "predicted_kld_90": bootstrap_interval(
+            {name: choices[name][pick].t2 for name, pick in picks.items()}, samples)}
     for spec in model.specs:
         if spec.name in choices:
             choice = choices[spec.name][picks[spec.name]]
@@ -187,6 +199,21 @@ def _plan_from_picks(model: SourceModel, choices: dict[str, list[Choice]], picks
         entries.append(entry)
     return Plan("optimal", {**params, "predicted_kld": total}, entries)
 
+
+
+def bootstrap_interval(t2: dict[str, float], samples: dict[str, np.ndarray], draws: int = 1000,
+                       seed: int = 0) -> list[float]:
+    """5th and 95th percentiles of sum_w alpha_w t2_w when the calibration sequences are drawn again with
+    replacement (the same draw for every weight: one sequence informs all of them). Only gradient calibrations
+    have per-sequence samples; noise injection measures one alpha per weight, and its plans record no interval."""
+    names = [name for name in t2 if name in samples]
+    matrix = np.stack([np.asarray(samples[name], dtype=np.float64) for name in names])   # weights x sequences
+    n_sequences = matrix.shape[1]
+    picks = np.random.default_rng(seed).integers(0, n_sequences, size=(draws, n_sequences))
+    weights = np.array([t2[name] for name in names])
+    totals = (weights @ matrix)[picks].mean(axis=1)
+    low, high = np.percentile(totals, [5, 95])
+    return [float(low), float(high)]
 
 
 def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Callable[[Plan], int], *,
@@ -229,15 +256,17 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
     params = {"metric": metric, "types": [qtype.name for qtype in candidates],
               "imatrix": variant or "other", "calibration_text": calibration.text,
               "calibration_tokens": calibration.tokens, "sensitivity_tokens": calibration.sensitivity_tokens}
+    samples = {name: np.asarray(measured.samples_weighted if weighted else measured.samples)
+               for name, measured in calibration.sensitivity.items() if measured.samples}
     if target_size is not None:
         params["target_size"] = int(target_size)
-        return optimal_plan(model, choices, int(target_size), file_size, params, resolution)
+        return optimal_plan(model, choices, int(target_size), file_size, params, resolution, samples)
     if target_bpw <= 0:
         raise InputError(f"--target-bpw must be positive, got {target_bpw}")
     params["target_bpw"] = float(target_bpw)
     n_params = sum(spec.numel for spec in model.specs)
     return optimal_plan(model, choices, int(target_bpw * n_params / 8), lambda plan: plan.tensor_bytes, params,
-                        resolution)
+                        resolution, samples)
 
 
 def _cached_variant(calibration: Calibration, importance: Optional[ImportanceMatrix]) -> Optional[str]:

@@ -159,5 +159,11 @@ class Plan:
 
     def summary(self) -> str:
         histogram = ", ".join(f"{name} x{count}" for name, count in self.type_histogram().items())
-        return (f"plan {self.method}: {len(self.entries)} tensors, {self.tensor_bytes / 1e6:.2f} MB of tensor data, "
+        line = (f"plan {self.method}: {len(self.entries)} tensors, {self.tensor_bytes / 1e6:.2f} MB of tensor data, "
                 f"{self.bits_per_weight:.3f} bits per weight ({histogram}); {self.fallback_summary()}")
+        if self.params.get("predicted_kld") is not None:
+            line += f"; predicted KLD {self.params['predicted_kld']:.4g}"
+            if self.params.get("predicted_kld_90"):
+                low, high = self.params["predicted_kld_90"]
+                line += f" (90% over calibration sequences: {low:.4g}..{high:.4g})"
+        return line

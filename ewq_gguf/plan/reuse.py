@@ -1,6 +1,7 @@
 """Reusing a decision: a plan JSON written earlier, or the per-tensor types of an existing GGUF file.
 
-Either way the types are re-applied to this checkpoint's tensors, so sizes and fallbacks are recomputed for it.
+Either way the types are re-applied to this checkpoint's tensors, so sizes and fallbacks are recomputed for it, and
+a type we cannot encode (a published file's IQ2_XS) is refused here, before a dry run prints a size for it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gguf
 from gguf import GGMLQuantizationType as QType
 
 from ..errors import InputError
+from ..quant import CODECS, supported_names
 from ..source.model import SourceModel
 from .entries import entry_for
 from .plan import Plan
@@ -42,5 +44,8 @@ def plan_from_file(model: SourceModel, path: str | Path) -> Plan:
             qtype = QType[types[spec.name]]
         except KeyError:
             raise InputError(f"{path.name}: unknown type '{types[spec.name]}' for {spec.name}") from None
+        if qtype not in CODECS:
+            raise InputError(f"{path.name}: tensor '{spec.name}' has type {qtype.name}, which ewq-gguf cannot encode "
+                             f"(it encodes {supported_names()})")
         entries.append(entry_for(spec, qtype, origin))
     return Plan("plan-file", {"source": path.name}, entries)

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QType
 
 from ..errors import InputError
 from ..quant import parse_type
-from ..source.model import SourceModel
+from ..source.model import OUTPUT_HEAD, TOKEN_EMBEDDING, SourceModel
 from .entries import entry_for
 from .plan import Plan
 
@@ -25,8 +25,6 @@ TIERS = ("LOW", "MID", "HIGH")
 DEFAULT_TYPES = "Q4_K,Q8_0,F16"
 DEFAULT_EMBED_TYPE = "Q8_0"
 DEFAULT_OUTPUT_TYPE = "Q8_0"
-EMBED_NAME = "token_embd.weight"
-OUTPUT_NAME = "output.weight"
 # Which end of a block score goes to the LOW type: EWQ's reading is "low entropy tolerates low precision".
 DIRECTIONS = ("low-first", "high-first")
 
@@ -84,9 +82,9 @@ def tiered_plan(model: SourceModel, method: str, params: dict[str, Any], blocks:
         if spec.block is not None:
             decision = recorded[spec.block]
             entries.append(entry_for(spec, types.of(decision["tier"]), f"{decision['tier']}: {decision['why']}"))
-        elif spec.name == EMBED_NAME:
+        elif spec.name == TOKEN_EMBEDDING:
             entries.append(entry_for(spec, embed, f"token embedding: --embed-type {embed.name}"))
-        elif spec.name == OUTPUT_NAME:
+        elif spec.name == OUTPUT_HEAD:
             entries.append(entry_for(spec, output, f"output head: --output-type {output.name}"))
         else:
             entries.append(entry_for(spec, types.mid, "outside the blocks: MID type"))

@@ -31,8 +31,13 @@ BACKENDS = ("auto", "torch", "ggml")
 
 __all__ = [
     "QType", "Codec", "CODECS", "BACKENDS", "quantize", "dequantize", "row_nbytes", "tensor_nbytes", "can_hold",
-    "parse_type", "effective_type",
+    "parse_type", "effective_type", "supported_names",
 ]
+
+
+def supported_names() -> str:
+    """The types we encode, for messages: 'BF16, F16, ...'."""
+    return ", ".join(sorted(t.name for t in CODECS))
 
 
 def parse_type(name: str) -> QType:
@@ -41,8 +46,7 @@ def parse_type(name: str) -> QType:
     for qtype in CODECS:
         if qtype.name == key:
             return qtype
-    supported = ", ".join(sorted(t.name for t in CODECS))
-    raise ValueError(f"unsupported tensor type '{name}' (supported: {supported})")
+    raise ValueError(f"unsupported tensor type '{name}' (supported: {supported_names()})")
 
 
 def block_shape(qtype: QType) -> tuple[int, int]:

@@ -3,6 +3,10 @@
 The library is libggml-base from the llama-cpp-python wheel (llama_cpp/lib/), located without importing llama_cpp,
 so loading it costs nothing but the dlopen. Its ggml_quantize_chunk is what llama-quantize itself calls.
 
+ctypes cannot see C declarations: the type numbers and the layout of struct ggml_type_traits are copied from ggml.h
+of one llama-cpp-python, while any later one may be installed. So the library is checked when it loads (a few
+milliseconds) and refused, with the reason, when it disagrees; the torch encoders then do the work.
+
 Threads: ctypes releases the GIL around each foreign call, and ggml_quantize_chunk over disjoint row ranges shares
 no mutable state for the types encoded here (only the IQ1/IQ2/IQ3 grids are global, built once under ggml's lock),
 so a chunk of rows is split over a small thread pool and the pieces run in parallel.
@@ -10,6 +14,7 @@ so a chunk of rows is split over a small thread pool and the pieces run in paral
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from gguf import GGMLQuantizationType as QType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
 from ..errors import EwqGgufError
 
@@ -28,7 +33,8 @@ _PIECES_PER_THREAD = 4
 
 
 class _TypeTraits(ctypes.Structure):
-    # struct ggml_type_traits in ggml.h; only to_float is called.
+    # struct ggml_type_traits in ggml.h as of llama-cpp-python 0.3.36; _layout_problem checks it against the loaded
+    # library. Only to_float is called.
     _fields_ = [
         ("type_name", ctypes.c_char_p),
         ("blck_size", ctypes.c_int64),
@@ -70,12 +76,60 @@ def _library() -> ctypes.CDLL:
     library.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     library.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     library.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    problem = _layout_problem(library)
+    if problem:
+        raise EwqGgufError(f"the ggml quantizer is unavailable: ewq-gguf does not read the libggml-base of "
+                           f"llama-cpp-python {_llama_cpp_version()} right ({problem})")
     return library
+
+
+def _llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+# Row length of the round trip: whole blocks of every type we encode.
+_CHECK_ROW = 256
+
+
+def _layout_problem(library: ctypes.CDLL) -> Optional[str]:
+    """What disagrees between the library and what this module assumes, for every type we encode; None if nothing.
+
+    The integers of ggml_type_traits are compared with gguf-py's block table and the name with the type's (which
+    also proves ggml's type numbers), before the name pointer is read or to_float is called; then one row encoded by
+    ggml and decoded by the struct's to_float must give our decoder's values."""
+    from . import CODECS, dequantize    # this module is imported by the package before its codec table exists
+
+    for qtype in CODECS:
+        traits = library.ggml_get_type_traits(int(qtype)).contents
+        sizes, expected = (traits.blck_size, traits.type_size), GGML_QUANT_SIZES[qtype]
+        if sizes != expected or library.ggml_row_size(int(qtype), sizes[0]) != sizes[1]:
+            return (f"{qtype.name}: blocks of {sizes[0]} elements in {sizes[1]} bytes, expected {expected[0]} in "
+                    f"{expected[1]}")
+        name = (traits.type_name or b"").decode(errors="replace")
+        if name.upper() != qtype.name:
+            return f"type {int(qtype)} is named '{name}', expected {qtype.name}"
+        if qtype == QType.F32:
+            continue    # ggml has no to_float for F32
+        if not traits.to_float:
+            return f"{qtype.name} has no to_float"
+        row = torch.sin(torch.arange(_CHECK_ROW, dtype=torch.float32) * 0.37)
+        # room for a float row: a misplaced pointer that is really an encoder reads that much from `packed`
+        packed = torch.zeros(4 * _CHECK_ROW, dtype=torch.uint8)
+        library.ggml_quantize_chunk(int(qtype), row.data_ptr(), packed.data_ptr(), 0, 1, _CHECK_ROW, None)
+        theirs = torch.empty((1, _CHECK_ROW), dtype=torch.float32)
+        _TO_FLOAT(traits.to_float)(packed.data_ptr(), theirs.data_ptr(), _CHECK_ROW)
+        encoded = packed[:_CHECK_ROW // sizes[0] * sizes[1]].reshape(1, -1)
+        if not torch.equal(theirs, dequantize(encoded, qtype, _CHECK_ROW)):
+            return f"ggml's to_float of {qtype.name} does not decode what its encoder wrote as our decoder does"
+    return None
 
 
 @lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether libggml-base is installed and loads (checked once)."""
+    """Whether libggml-base is installed, loads and reads as this module expects (checked once)."""
     try:
         _library()
     except EwqGgufError:

@@ -26,6 +26,7 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 MAX_BLOCKS = 512
 MAX_DIMS = 4            # GGUF tensors have at most 4 dimensions
 TOKEN_EMBEDDING = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+OUTPUT_HEAD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
 
 # config.json keys the adapters read as counts (positive integers) or as positive numbers; checked up front so that
 # a wrong value is reported by name instead of failing somewhere inside an adapter. GGUF stores counts as uint32 and

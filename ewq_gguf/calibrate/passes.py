@@ -1,0 +1,315 @@
+"""The block-streaming passes of a calibration: activations forward, then gradients backward, one block at a time.
+
+Forward, over every calibration chunk: block i is read from the checkpoint, each chunk's hidden state goes through
+it, and what comes out is the input of block i+1. On the way, hooks measure the importance vectors (per input column
+of every linear weight: the sum of x^2 and the token count, as llama-imatrix does) and LIM (-cos(block input, block
+output) per token). The first `n_grad` chunks' block inputs are kept for the backward pass.
+
+Backward, over those chunks (sensitivities, METHODS.md section 4): the KL divergence to the model of a small change
+d of a weight W is 1/2 d^T F d, F the Fisher information of the model's own output distribution. For noise-like
+error of relative size t^2 (||d||^2 = t^2 ||W||^2, spread evenly), its expectation is t^2 ||W||^2 tr(F_W) / (2 N),
+N the weight's element count: alpha = ||W||^2 tr(F_W) / (2N), the slope that noise injection measures. tr(F_W) is
+estimated without bias by the squared gradient of sum_s log p(y_s) with each y_s drawn from the model's own
+prediction at position s: the positions' gradients have zero mean and independent draws, so their cross terms
+vanish in expectation. Per chunk this is one backward pass, recomputing each block from its kept input; the
+gradient reaching a block's input is what the block below backpropagates. Each chunk gives its own estimate, so
+their spread is the uncertainty (sensitivity.py bootstraps over them).
+
+The output head's gradient is never formed (vocabulary x width): for logits = H W^T, ||dL/dW||^2 = sum((D D^T) *
+(H H^T)) with D = dL/dlogits, which costs chunk^2 x (vocabulary + width). A tied embedding is one weight reached
+twice; the gradient is the sum of both paths, and the embedding path only touches the rows of the chunk's tokens.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..imatrix import ImportanceMatrix
+from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
+from .stream import StreamedModel, _StopForward
+from .workfolder import WorkFolder
+
+
+class BlockPasses:
+    """Runs the passes of one calibration; every result accumulates in `work.state` and survives a restart."""
+
+    def __init__(self, model: StreamedModel, source: SourceModel, chunks: torch.Tensor, n_grad: int,
+                 work: WorkFolder, imatrix: ImportanceMatrix, progress_bar: Callable, seed: int = 0):
+        self.model = model
+        self.source = source
+        self.chunks = chunks
+        self.n_grad = n_grad
+        self.work = work
+        self.imatrix = imatrix
+        self.progress_bar = progress_bar
+        self.seed = seed
+        self.device = model.device
+        width = model.embedding.weight.shape[-1]
+        self.chunk_shape = (1, int(chunks.shape[1]), int(width))
+        state = work.state
+        state.setdefault("forward", 0)          # blocks the forward pass has finished
+        state.setdefault("hidden", "hidden-a")  # the file holding the next block's input
+        state.setdefault("lim", [[0.0, 0.0] for _ in range(model.n_blocks)])
+        state.setdefault("head", False)
+        state.setdefault("backward", 0)         # blocks the backward pass has finished, from the last one down
+        state.setdefault("gradient", "gradient-a")
+        state.setdefault("embedding", False)
+        state.setdefault("traces", {})          # GGUF weight -> per-chunk ||gradient||^2
+        state.setdefault("norms", {})           # GGUF weight -> [||W||^2, sum_j a_j ||W_:j||^2, N, columns]
+        saved = work.load_arrays("imatrix")
+        for key, value in saved.items():
+            kind, _, name = key.partition(":")
+            (imatrix.sums if kind == "sums" else imatrix.counts)[name] = value
+
+    # --- names ---------------------------------------------------------------------------------------------------
+    def gguf_name(self, parameter_name: str) -> Optional[str]:
+        stored = self.model._checkpoint_name(parameter_name)
+        name = self.source.adapter.gguf_name(stored) if stored else None
+        spec = self.source.by_name.get(name) if name else None
+        return name if spec is not None and spec.is_matrix else None
+
+    def _save(self) -> None:
+        arrays = {f"sums:{name}": value for name, value in self.imatrix.sums.items()}
+        arrays.update({f"counts:{name}": value for name, value in self.imatrix.counts.items()})
+        self.work.save_arrays("imatrix", arrays)
+        self.work.save()
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def forward(self) -> None:
+        state, n_chunks, n_blocks = self.work.state, int(self.chunks.shape[0]), self.model.n_blocks
+        files = {name: self.work.chunks(name, n_chunks, self.chunk_shape) for name in ("hidden-a", "hidden-b")}
+        if state["forward"] == 0 and not state.get("embedded"):
+            with torch.no_grad():
+                for index in range(n_chunks):
+                    files["hidden-a"].write(index, self.model.embed(self.chunks[index:index + 1]))
+            state["embedded"] = True
+            self.work.save()
+        for block in self.progress_bar(range(state["forward"], n_blocks), desc="blocks forward", unit="block"):
+            source = files[state["hidden"]]
+            target_name = "hidden-b" if state["hidden"] == "hidden-a" else "hidden-a"
+            target = files[target_name]
+            inputs = self.work.chunks(f"inputs-{block}", self.n_grad, self.chunk_shape) if self.n_grad else None
+            cos = state["lim"][block] = [0.0, 0.0]
+            with self.model.block(block) as layer, self._imatrix_hooks(layer), torch.no_grad():
+                for index in range(n_chunks):
+                    hidden = source.read(index, self.device)
+                    if index < self.n_grad:
+                        inputs.write(index, hidden)
+                    output = self.model.run_block(layer, block, hidden)
+                    cosine = F.cosine_similarity(hidden, output, dim=-1)
+                    cos[0] += float(cosine.double().sum())
+                    cos[1] += cosine.numel()
+                    target.write(index, output)
+            state["forward"] = block + 1
+            state["hidden"] = target_name
+            self._save()
+
+    def _imatrix_hooks(self, layer: torch.nn.Module):
+        handles = []
+        for module in layer.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            name = self.gguf_name(self.model.hf_name(module) + ".weight")
+            if name is not None:
+                handles.append(module.register_forward_pre_hook(
+                    lambda module, args, kwargs, name=name: self._add_input(name, args[0] if args else
+                                                                            kwargs["input"]), with_kwargs=True))
+        return _Handles(handles)
+
+    def _add_input(self, name: str, inputs: torch.Tensor) -> None:
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.imatrix.add(name, flat.pow(2).sum(0).double().cpu().numpy(), flat.shape[0])
+
+    def lim(self) -> list[float]:
+        return [-total / count if count else 0.0 for total, count in self.work.state["lim"]]
+
+    # --- output head ---------------------------------------------------------------------------------------------
+    def head(self) -> None:
+        """The head's importance vector over every chunk; for the first n_grad chunks also the sampled-label
+        gradient of the last hidden state, and the head weight's gradient norms."""
+        state = self.work.state
+        if state["head"]:
+            return
+        n_chunks = int(self.chunks.shape[0])
+        hidden = self.work.chunks(state["hidden"], n_chunks, self.chunk_shape)
+        gradients = self.work.chunks(state["gradient"], max(self.n_grad, 1), self.chunk_shape)
+        head = self.model.head
+        head_name = OUTPUT_HEAD if not self.model.tied else TOKEN_EMBEDDING
+        if head_name not in self.source.by_name:
+            head_name = None
+        captured: dict[str, torch.Tensor] = {}
+
+        def take_input(module, args):
+            captured["input"] = args[0]
+            if "stop" in captured:
+                raise _StopForward
+
+        def keep_output(module, args, output):
+            if output.requires_grad:
+                output.retain_grad()
+            captured["output"] = output
+
+        handles = _Handles([head.register_forward_pre_hook(take_input), head.register_forward_hook(keep_output)])
+        traces = state["traces"].setdefault(head_name, []) if head_name else None
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with handles:
+            for index in self.progress_bar(range(n_chunks), desc="head", unit="chunk"):
+                ids = self.chunks[index:index + 1]
+                last = hidden.read(index, self.device)
+                if index >= self.n_grad:
+                    captured["stop"] = True
+                    with torch.no_grad():
+                        try:
+                            self.model.logits(ids, last)
+                        except _StopForward:
+                            pass
+                    if head_name:
+                        self._add_input(head_name, captured["input"])
+                    continue
+                captured.pop("stop", None)
+                last.requires_grad_(True)
+                logits = self.model.logits(ids, last)
+                if head_name:
+                    self._add_input(head_name, captured["input"])
+                log_probs = F.log_softmax(logits.float(), dim=-1)
+                drawn = self._draw(log_probs.detach(), index)
+                (-log_probs.gather(-1, drawn.unsqueeze(-1)).sum()).backward()
+                gradients.write(index, last.grad)
+                if head_name:
+                    features = captured["input"].detach().reshape(-1, captured["input"].shape[-1]).float()
+                    deltas = captured["output"].grad.reshape(-1, captured["output"].shape[-1]).float()
+                    gram = (deltas @ deltas.T).double() * (features @ features.T).double()
+                    traces.append(float(gram.sum()))
+                    if self.model.tied:
+                        # the head's gradient on the rows of this chunk's tokens, added to the embedding's later
+                        token_rows = torch.unique(ids.to(self.device))
+                        rows[index] = (token_rows, deltas[:, token_rows].T @ features)
+                captured.clear()
+        if head_name:
+            self._note_norms(head_name, head.weight)
+        if rows:
+            torch.save({index: (token_rows.cpu(), values.cpu()) for index, (token_rows, values) in rows.items()},
+                       self.work.path / "head-rows.pt")
+        state["head"] = True
+        self._save()
+
+    def _draw(self, log_probs: torch.Tensor, index: int) -> torch.Tensor:
+        """One label per position from the model's own prediction, the same on every device: uniforms from a CPU
+        generator seeded by the chunk, inverted through the cumulative distribution."""
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{index}".encode()))
+        uniforms = torch.rand(log_probs.shape[:-1], generator=generator, dtype=torch.float64).to(log_probs.device)
+        cumulative = log_probs.double().exp().cumsum(-1)
+        uniforms = uniforms * cumulative[..., -1]
+        drawn = torch.searchsorted(cumulative, uniforms.unsqueeze(-1)).squeeze(-1)
+        return drawn.clamp_(max=log_probs.shape[-1] - 1)
+
+    # --- backward ------------------------------------------------------------------------------------------------
+    def backward(self) -> None:
+        state, n_blocks = self.work.state, self.model.n_blocks
+        shape = (max(self.n_grad, 1), self.chunk_shape)
+        files = {name: self.work.chunks(name, *shape) for name in ("gradient-a", "gradient-b")}
+        for done in self.progress_bar(range(state["backward"], n_blocks), desc="blocks backward", unit="block"):
+            block = n_blocks - 1 - done
+            source = files[state["gradient"]]
+            target_name = "gradient-b" if state["gradient"] == "gradient-a" else "gradient-a"
+            target = files[target_name]
+            inputs = self.work.chunks(f"inputs-{block}", self.n_grad, self.chunk_shape)
+            with self.model.block(block, requires_grad=True) as layer:
+                weights = [(name, parameter) for name, parameter in
+                           ((self.gguf_name(self.model.hf_name(layer) + "." + local), parameter)
+                            for local, parameter in layer.named_parameters()) if name is not None]
+                traces = {name: [] for name, _ in weights}
+                for index in range(self.n_grad):
+                    hidden = inputs.read(index, self.device).requires_grad_(True)
+                    output = self.model.run_block(layer, block, hidden)
+                    output.backward(source.read(index, self.device))
+                    for name, parameter in weights:
+                        gradient = parameter.grad
+                        traces[name].append(float(gradient.double().pow(2).sum()) if gradient is not None else 0.0)
+                    for parameter in layer.parameters():
+                        parameter.grad = None
+                    target.write(index, hidden.grad)
+                for name, parameter in weights:
+                    self._note_norms(name, parameter)
+            state["traces"].update(traces)
+            state["backward"] = done + 1
+            state["gradient"] = target_name
+            self._save()
+            self.work.drop(f"inputs-{block}")
+
+    def embedding(self) -> None:
+        state = self.work.state
+        if state["embedding"] or TOKEN_EMBEDDING not in self.source.by_name:
+            return
+        gradients = self.work.chunks(state["gradient"], max(self.n_grad, 1), self.chunk_shape)
+        embedding = self.model.embedding
+        head_rows = torch.load(self.work.path / "head-rows.pt") if self.model.tied else {}
+        embedding.weight.requires_grad_(True)
+        sparse = embedding.sparse
+        embedding.sparse = True          # the gradient touches only the rows of the chunk's tokens
+        traces = []
+        try:
+            for index in range(self.n_grad):
+                hidden = self.model.embed(self.chunks[index:index + 1])
+                hidden.backward(gradients.read(index, self.device))
+                gradient = embedding.weight.grad.coalesce()
+                embedding.weight.grad = None
+                token_rows, values = gradient.indices()[0], gradient.values().double()
+                if index in head_rows:
+                    head_tokens, head_values = head_rows[index]
+                    position = {int(token): row for row, token in enumerate(token_rows.tolist())}
+                    picked = torch.tensor([position[int(token)] for token in head_tokens], device=values.device)
+                    values = values.index_add(0, picked, head_values.to(values.device).double())
+                    # the head's gradient on the other rows is in the head's trace, already taken
+                    outside = state["traces"][TOKEN_EMBEDDING][index] - float(head_values.double().pow(2).sum())
+                    traces.append(float(values.pow(2).sum()) + outside)
+                else:
+                    traces.append(float(values.pow(2).sum()))
+        finally:
+            embedding.sparse = sparse
+            embedding.weight.requires_grad_(False)
+            embedding.weight.grad = None
+        state["traces"][TOKEN_EMBEDDING] = traces
+        self._note_norms(TOKEN_EMBEDDING, embedding.weight)
+        state["embedding"] = True
+        self._save()
+
+    def _note_norms(self, name: str, weight: torch.Tensor) -> None:
+        """||W||^2 and sum_j a_j ||W_:j||^2 (a: the importance vector), which turn gradient norms into alphas."""
+        columns = weight.detach().double().pow(2).reshape(-1, weight.shape[-1]).sum(0)
+        vector = self.imatrix.vector(name)
+        weighted = float((torch.from_numpy(vector).to(columns) * columns).sum()) if vector is not None else None
+        self.work.state["norms"][name] = [float(columns.sum()), weighted, float(vector.sum()) if vector is not None
+                                          else None, int(weight.numel()), int(weight.shape[-1])]
+
+
+class _Handles:
+    """Hook handles removed when the context ends."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def chunk_alphas(traces: list[float], norms: list, tokens_per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chunk alpha and alpha_weighted of one weight from its gradient norms (see the module docstring).
+
+    alpha = ||W||^2 tr(F) / (2N). The noise of a noise-injection measurement is even over the columns, so its
+    importance-weighted size is t^2 ||W||^2 sum(a) / (columns sum_j a_j ||W_:j||^2) and alpha_weighted =
+    tr(F) columns sum_j a_j ||W_:j||^2 / (2 N sum(a))."""
+    norm2, weighted2, importance_sum, numel, columns = norms
+    fisher = np.asarray(traces, dtype=np.float64) / tokens_per_chunk
+    alpha = norm2 * fisher / (2 * numel)
+    if weighted2 is None or not importance_sum:
+        return alpha, alpha.copy()
+    return alpha, fisher * columns * weighted2 / (2 * numel * importance_sum)

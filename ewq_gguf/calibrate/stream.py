@@ -1,0 +1,204 @@
+"""A transformers model that never exists whole: its decoder blocks are read from the checkpoint one at a time.
+
+The model is built from config.json by transformers itself, with every parameter on the meta device (no memory, no
+initialisation) and every buffer real (the rotary tables transformers computes at construction and checkpoints do not
+store). What lies outside the decoder blocks (token embedding, final norm, output head) is read once; a block is
+read when a pass reaches it and dropped when the pass leaves it. So no architecture is re-implemented, and the
+memory is that of the outer weights plus one block, whatever the depth.
+
+Blocks are called directly, with the keyword arguments the decoder passes them (rotary tables, attention masks,
+which differ between blocks where sliding and full attention alternate). Those are recorded once, by one run of the
+decoder with every block replaced by a recorder: for chunks of one length they do not depend on the tokens. What
+the decoder does before its first block (embedding, scaling) and after its last (final norm, head, soft-capping)
+also runs through the model's own forward, with the blocks standing aside (`embed`, `head`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from ..errors import InputError
+from ..source.checkpoint import Checkpoint
+
+
+class _StopForward(Exception):
+    """Raised by the recorder in place of block 0, to end a forward once the block input is known."""
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device; buffers stay real (as accelerate's
+    init_empty_weights(include_buffers=False), without the dependency). Initialisers then run on meta: no cost."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, parameter: Optional[torch.nn.Parameter]) -> None:
+        register(module, name, parameter)
+        if parameter is not None:
+            module._parameters[name] = torch.nn.Parameter(parameter.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+class StreamedModel:
+    """The transformers model of a checkpoint folder, materialised outside the blocks, block by block inside."""
+
+    def __init__(self, model_dir: str | Path, device: torch.device):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device
+        self.checkpoint = Checkpoint(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        with empty_parameters():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.model.eval()
+        for module in self.model.modules():   # the real buffers to the device; parameters are read there later
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
+        self.decoder = self.model.get_decoder()
+        self.layers = self.decoder.layers
+        self.n_blocks = len(self.layers)
+        self.prefix = {id(module): name for name, module in self.model.named_modules()}
+        self.embedding = self.model.get_input_embeddings()
+        self.head = self.model.get_output_embeddings()
+        # tied as transformers ties them when it loads the checkpoint (the head then reads the embedding's weight)
+        self.tied = self.head is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+        skip = {id(parameter) for layer in self.layers for parameter in layer.parameters()}
+        if self.tied:
+            skip.add(id(self.head.weight))
+        self._materialise(self.model, skip=skip)
+        if self.tied:
+            self.head.weight = self.embedding.weight
+        self.layer_kwargs: list[tuple[tuple, dict[str, Any]]] = []
+        self.returns_tuple: Optional[bool] = None
+
+    # --- weights -------------------------------------------------------------------------------------------------
+    def _checkpoint_name(self, name: str) -> Optional[str]:
+        """The checkpoint's name for a parameter of the model (some checkpoints omit the base model's prefix)."""
+        if name in self.checkpoint.records:
+            return name
+        prefix = self.model.base_model_prefix + "."
+        if name.startswith(prefix) and name[len(prefix):] in self.checkpoint.records:
+            return name[len(prefix):]
+        return None
+
+    def _materialise(self, module: torch.nn.Module, skip: frozenset | set = frozenset(),
+                     requires_grad: bool = False) -> None:
+        """Read the parameters of `module` (except `skip`) from the checkpoint, float32, on the device."""
+        base = self.prefix[id(module)]
+        done: set[int] = set()
+        for name, parameter in list(module.named_parameters(remove_duplicate=False)):
+            if id(parameter) in skip or id(parameter) in done:
+                continue
+            full_name = f"{base}.{name}" if base else name
+            stored = self._checkpoint_name(full_name)
+            if stored is None:
+                raise InputError(f"the checkpoint has no tensor '{full_name}' that the model's class needs")
+            value = self.checkpoint.load(stored).to(device=self.device, dtype=torch.float32)
+            if tuple(value.shape) != tuple(parameter.shape):
+                raise InputError(f"tensor '{stored}' has shape {list(value.shape)}, the model's class expects "
+                                 f"{list(parameter.shape)}")
+            self._set(module, name, torch.nn.Parameter(value, requires_grad=requires_grad))
+            done.add(id(parameter))
+
+    @staticmethod
+    def _set(module: torch.nn.Module, name: str, parameter: torch.nn.Parameter) -> None:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = parameter
+        # a parameter shared under several names (a tied head) is replaced everywhere it appears
+        for other in module.modules():
+            for key, value in other._parameters.items():
+                if value is old:
+                    other._parameters[key] = parameter
+
+    @contextmanager
+    def block(self, index: int, requires_grad: bool = False) -> Iterator[torch.nn.Module]:
+        """Block `index` with its weights read from the checkpoint; dropped (back to meta) when the context ends."""
+        layer = self.layers[index]
+        self._materialise(layer, requires_grad=requires_grad)
+        try:
+            yield layer
+        finally:
+            for name, parameter in list(layer.named_parameters()):
+                self._set(layer, name, torch.nn.Parameter(torch.empty(parameter.shape, device="meta"),
+                                                          requires_grad=False))
+
+    def hf_name(self, module: torch.nn.Module) -> str:
+        return self.prefix[id(module)]
+
+    # --- passes through the model's own forward ------------------------------------------------------------------
+    @contextmanager
+    def _blocks_replaced(self, make_forward: Callable[[int], Callable]) -> Iterator[None]:
+        """Every block's forward replaced (instance attributes, so the decoder loop reads each block's own
+        attributes, attention types included); a forward already set on an instance is put back afterwards."""
+        saved = [layer.__dict__.get("forward") for layer in self.layers]
+        try:
+            for index, layer in enumerate(self.layers):
+                layer.forward = make_forward(index)
+            yield
+        finally:
+            for layer, forward in zip(self.layers, saved):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
+
+    def record_layer_arguments(self, ids: torch.Tensor) -> None:
+        """Record the arguments the decoder passes each block for chunks shaped like `ids` (1, ctx)."""
+        recorded: list[tuple[tuple, dict[str, Any]]] = []
+
+        def make_recorder(index: int) -> Callable:
+            def recorder(*args, **kwargs):
+                recorded.append((args[1:], kwargs))
+                return args[0] if args else kwargs["hidden_states"]
+            return recorder
+
+        with torch.no_grad(), self._blocks_replaced(make_recorder):
+            self.decoder(input_ids=ids.to(self.device), use_cache=False)
+        if len(recorded) != self.n_blocks:
+            raise InputError(f"the decoder called {len(recorded)} of its {self.n_blocks} blocks")
+        for args, kwargs in recorded:
+            kwargs.pop("hidden_states", None)
+            kwargs["use_cache"] = False
+        self.layer_kwargs = recorded
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Block 0's input for the chunk `ids` (1, ctx), as the decoder computes it (with autograd to the
+        embedding when its weight requires gradients)."""
+        caught: list[torch.Tensor] = []
+
+        def make_catcher(index: int) -> Callable:
+            def catcher(*args, **kwargs):
+                caught.append(args[0] if args else kwargs["hidden_states"])
+                raise _StopForward
+            return catcher
+
+        with self._blocks_replaced(make_catcher):
+            try:
+                self.decoder(input_ids=ids.to(self.device), use_cache=False)
+            except _StopForward:
+                pass
+        return caught[0]
+
+    def run_block(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.layer_kwargs[index]
+        output = layer(hidden, *args, **kwargs)
+        self.returns_tuple = isinstance(output, (tuple, list))
+        return output[0] if self.returns_tuple else output
+
+    def logits(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for the chunk `ids` given the last block's output (final norm, head and whatever the
+        model applies to logits run as in its own forward)."""
+        returned = (last_hidden,) if self.returns_tuple else last_hidden
+        with self._blocks_replaced(lambda index: (lambda *args, **kwargs: returned)):
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits

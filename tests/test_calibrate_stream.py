@@ -1,0 +1,173 @@
+"""Block-streaming calibration: the same measurements as the whole model, one block in memory, resumable."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ewq_gguf import api
+from ewq_gguf.calibrate import calibrate
+from ewq_gguf.calibrate.runner import calibration_tokens
+from ewq_gguf.calibrate.stream import StreamedModel
+from ewq_gguf.calibrate.workfolder import work_folder_for
+from ewq_gguf.source.model import TOKEN_EMBEDDING, open_checkpoint
+from tiny_models import TINY, make_tiny_model
+from tiny_tokenizers import SAMPLE_TEXT
+
+TOKENS, CTX = 256, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(SAMPLE_TEXT * 12)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    made = {}
+
+    def folder(architecture: str):
+        if architecture not in made:
+            made[architecture] = make_tiny_model(tmp_path_factory.mktemp(architecture) / "tiny", architecture)
+        return made[architecture]
+
+    return folder
+
+
+def whole_model_activations(folder, text: str):
+    """Reference: the whole transformers model in memory, hooks on every linear layer and block; GGUF names."""
+    source = open_checkpoint(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    chunks = calibration_tokens(AutoTokenizer.from_pretrained(folder), text, TOKENS, CTX)
+    sums, cos = {}, {}
+    handles = []
+    for hf_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            name = source.adapter.gguf_name(hf_name + ".weight")
+            if module is model.get_output_embeddings() and name not in source.by_name:
+                name = TOKEN_EMBEDDING       # a tied head: its input weighs the embedding's rows
+            if name in source.by_name:
+                def add(module, args, name=name):
+                    flat = args[0].reshape(-1, args[0].shape[-1]).double()
+                    sums[name] = sums.get(name, 0) + flat.pow(2).sum(0)
+                handles.append(module.register_forward_pre_hook(add))
+    for index, layer in enumerate(model.model.layers):
+        def on_block(module, args, kwargs, output, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            cos.setdefault(index, []).append(F.cosine_similarity(hidden, out, dim=-1).double().reshape(-1))
+        handles.append(layer.register_forward_hook(on_block, with_kwargs=True))
+    with torch.no_grad():
+        for chunk in chunks:
+            model(input_ids=chunk[None], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    tokens = chunks.numel()
+    vectors = {name: (total / tokens).float() for name, total in sums.items()}
+    lim = [float(-torch.cat(cos[index]).mean()) for index in range(len(cos))]
+    return vectors, lim
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY))
+def test_streamed_activations_equal_the_whole_model(tiny_folders, text_file, architecture):
+    folder = tiny_folders(architecture)
+    result = calibrate(folder, text_file, tokens=TOKENS, ctx=CTX, sensitivity_tokens=CTX, error_types=(),
+                       device="cpu", progress=False)
+    vectors, lim = whole_model_activations(folder, text_file.read_text())
+    measured = result.imatrix.vectors()
+    assert set(measured) == set(vectors)
+    for name, vector in vectors.items():
+        assert torch.allclose(measured[name], vector, rtol=1e-5, atol=1e-7), name
+    assert np.allclose(result.lim, lim, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM"])
+def test_gradient_sensitivities_agree_with_noise_injection(tiny_folders, text_file, architecture):
+    """Every weight, the tied embedding included (Qwen3 and Gemma2 tie it to the head): the Fisher estimate of
+    alpha and the noise-injection measurement on the same tokens rank the weights alike and agree in size."""
+    folder = tiny_folders(architecture)
+    options = dict(tokens=TOKENS, ctx=CTX, sensitivity_tokens=TOKENS, error_types=(), device="cpu", progress=False)
+    fisher = calibrate(folder, text_file, sensitivity="fisher", **options)
+    noise = calibrate(folder, text_file, sensitivity="noise", **options)
+    assert set(fisher.sensitivity) == set(noise.sensitivity)
+    names = sorted(noise.sensitivity)
+    estimated = np.array([fisher.sensitivity[name].alpha for name in names])
+    measured = np.array([noise.sensitivity[name].alpha for name in names])
+    ranks = [np.argsort(np.argsort(values)) for values in (estimated, measured)]
+    assert np.corrcoef(*ranks)[0, 1] >= 0.9
+    assert np.all(np.abs(np.log(estimated / measured)) < np.log(1.5)), dict(zip(names, estimated / measured))
+    for name in names:
+        samples = fisher.sensitivity[name].samples
+        assert len(samples) == TOKENS // CTX and np.mean(samples) == pytest.approx(fisher.sensitivity[name].alpha)
+    assert fisher.sensitivity_method == "fisher" and fisher.sensitivity_tokens == TOKENS
+
+
+def test_only_one_block_is_ever_in_memory(tiny_folders, text_file, monkeypatch):
+    """Streaming: at no time are the weights of two blocks real (not on the meta device)."""
+    most = []
+    original = StreamedModel.block
+
+    def block(self, index, requires_grad=False):
+        real = [layer for layer in self.layers if any(not p.is_meta for p in layer.parameters())]
+        most.append(len(real))
+        return original(self, index, requires_grad)
+
+    monkeypatch.setattr(StreamedModel, "block", block)
+    calibrate(tiny_folders("LlamaForCausalLM"), text_file, tokens=TOKENS, ctx=CTX, sensitivity_tokens=CTX,
+              error_types=(), device="cpu", progress=False)
+    assert most and max(most) == 0     # when a block is read, none other is
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [("forward", 1), ("backward", 0)])
+def test_an_interrupted_calibration_resumes_with_the_same_result(tiny_folders, text_file, tmp_path, monkeypatch,
+                                                                 stop_at):
+    folder = tiny_folders("LlamaForCausalLM")
+    options = dict(text=text_file, tokens=TOKENS, ctx=CTX, sensitivity_tokens=2 * CTX, error_types=(),
+                   device="cpu", progress=False)
+    reference = api.calibrate(folder, tmp_path / "reference.json", **options)
+    out = tmp_path / "calib.json"
+    original = StreamedModel.block
+    calls = []
+
+    def failing_block(self, index, requires_grad=False):
+        calls.append((index, requires_grad))
+        if (("backward" if requires_grad else "forward"), index) == stop_at:
+            raise Stop
+        return original(self, index, requires_grad)
+
+    monkeypatch.setattr(StreamedModel, "block", failing_block)
+    with pytest.raises(Stop):
+        api.calibrate(folder, out, **options)
+    assert not out.exists() and work_folder_for(out).is_dir()
+    monkeypatch.setattr(StreamedModel, "block", original)
+    resumed_blocks = []
+    monkeypatch.setattr(StreamedModel, "block", lambda self, index, requires_grad=False: (
+        resumed_blocks.append((index, requires_grad)), original(self, index, requires_grad))[1])
+    result = api.calibrate(folder, out, **options)
+    assert not work_folder_for(out).exists()
+    # the rerun did not redo the blocks finished before the interruption
+    assert len(resumed_blocks) < 2 * open_checkpoint(folder).n_blocks
+    assert result.lim == reference.lim
+    assert result.sensitivity == reference.sensitivity
+    for name, sums in reference.imatrix.sums.items():
+        assert np.array_equal(result.imatrix.sums[name], sums), name
+    saved = json.loads(out.read_text())
+    assert saved["sensitivity"] == json.loads((tmp_path / "reference.json").read_text())["sensitivity"]

@@ -41,6 +41,7 @@ from ewq_gguf.devenv import REPOSITORY, dev_model  # noqa: E402
 # Llama-3-8B's block; the block count is chosen for the size asked for
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)
+LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json")
 SHARD_BYTES = 2 * 10**9
@@ -111,11 +112,12 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: in
                 handle.write(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
 
 
-def build_checkpoint(folder: Path, size_gb: float, tokenizer_source: Path | None) -> tuple[int, int]:
-    """Write the checkpoint; returns (bytes of weights, bytes of the largest tensor)."""
+def build_checkpoint(folder: Path, size_gb: float, tokenizer_source: Path | None,
+                     dims: dict = LLAMA3_8B) -> tuple[int, int]:
+    """Write the checkpoint (blocks of `dims`); returns (bytes of weights, bytes of the largest tensor)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16", **LLAMA3_8B, **tokenizer_into(folder,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", **dims, **tokenizer_into(folder,
                                                                                                   tokenizer_source)}
     fixed = bf16_bytes(tensor_shapes({**config, "num_hidden_layers": 0}))
     per_block = bf16_bytes(tensor_shapes({**config, "num_hidden_layers": 1})) - fixed
@@ -183,6 +185,10 @@ def main() -> None:
     parser.add_argument("--tokenizer-from", type=Path, default=dev_model("smollm2"),
                         help="a model folder whose tokenizer is copied [default: the development model; a tiny "
                              "trained tokenizer when it is missing]")
+    parser.add_argument("--calibrate-tokens", type=int, default=0,
+                        help="instead of converting, run `ewq-gguf calibrate` over this many tokens (and as many "
+                             "sensitivity tokens) and check its peak RSS against 2 GB + 3 x the largest block in "
+                             "float32 + one chunk of hidden states")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
     parser.add_argument("--results", type=Path, help="write the table into this markdown file's section")
     args = parser.parse_args()
@@ -204,6 +210,9 @@ def main() -> None:
         config = json.loads((model / "config.json").read_text())
         n_params = weight_bytes // 2
 
+        if args.calibrate_tokens:
+            calibrate_run(model, config, weight_bytes, build_s, args)
+            return
         read, read_s = read_pass(model)
         converted = convert_run(model, out, options)
         parts = sorted(work.glob("synthetic-llama*.gguf"))
@@ -239,6 +248,37 @@ def main() -> None:
                 part.unlink()
             if args.folder is None:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def calibrate_run(model: Path, config: dict, weight_bytes: int, build_s: float, args) -> None:
+    """`ewq-gguf calibrate` of the checkpoint in its own process: wall time, phases, peak RSS against its bound."""
+    calibration = model.parent / "calibration.json"
+    ctx = 512
+    run = run_measured([sys.executable, "-m", "ewq_gguf", "calibrate", model, "--tokens", args.calibrate_tokens,
+                        "--sensitivity-tokens", args.calibrate_tokens, "--ctx", ctx, "--device", args.device,
+                        "--out", calibration, "--quiet"])
+    saved = json.loads(calibration.read_text())
+    block_params = sum(math.prod(shape) for name, shape in tensor_shapes({**config, "num_hidden_layers": 1})
+                       if name.startswith("model.layers.0."))
+    hidden_chunk = ctx * config["hidden_size"] * 4
+    bound_mib = (2 * GB + 3 * 4 * block_params + hidden_chunk) / 2**20
+    rows = [
+        ("checkpoint", f"{config['num_hidden_layers']} Llama-3-8B blocks, vocab {config['vocab_size']}, "
+                       f"{weight_bytes / 2 / 1e9:.2f} B parameters, {weight_bytes / GB:.2f} GB bf16 "
+                       f"(built in {build_s:.0f} s)"),
+        ("bound", f"2 GB + 3 x one block in float32 ({4 * block_params / 2**20:.0f} MiB) + one chunk of hidden "
+                  f"states ({hidden_chunk / 2**20:.0f} MiB) = {bound_mib:.0f} MiB"),
+        (f"calibrate --tokens {args.calibrate_tokens} --device {args.device}",
+         f"{run.wall_s:.1f} s wall ({', '.join(f'{k} {v:.1f} s' for k, v in saved['seconds'].items())}); "
+         f"compute {saved['device']}; peak RSS {run.peak_rss_mib:.0f} MiB"),
+        ("peak RSS within bound", "yes" if run.peak_rss_mib < bound_mib else "NO"),
+    ]
+    table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    print(table)
+    if args.results:
+        where = "CUDA" if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+        update_section(args.results, f"Large checkpoint, calibrate, {where}", table + f"\n\nMachine: {_machine()}.",
+                       command=recorded_command(args.folder))
 
 
 def recorded_command(folder: Path | None) -> str:

@@ -228,6 +228,20 @@ def test_optimal_plan_fits_the_file_size_and_records_predictions(calibration, ti
     larger = convert(tiny_llama, tmp_path / "larger.gguf", "optimal", calibration=calibration,
                      target_size=target * 1.3, types="Q4_0,Q4_K,Q6_K,Q8_0,F16", dry_run=True, progress=False)
     assert larger.plan.params["predicted_kld"] <= result.plan.params["predicted_kld"]
+    # the calibration's sequences give the prediction an interval (bootstrap), around the prediction itself
+    low, high = result.plan.params["predicted_kld_90"]
+    assert 0 < low < result.plan.params["predicted_kld"] < high
+    assert "90% over calibration sequences" in result.plan.summary()
+
+
+def test_bootstrap_interval_of_a_plan():
+    from ewq_gguf.plan.optimal import bootstrap_interval
+
+    # two weights, four sequences: per-sequence totals (t2-weighted sums) are 1, 2, 3 and 4
+    samples = {"a": np.array([1.0, 2.0, 3.0, 4.0]), "b": np.array([0.0, 0.0, 0.0, 0.0])}
+    low, high = bootstrap_interval({"a": 1.0, "b": 5.0}, samples)
+    assert 1.0 < low < 2.5 < high < 4.0
+    assert bootstrap_interval({"a": 1.0}, {"a": np.full(8, 2.0)}) == [2.0, 2.0]
 
 
 def test_optimal_needs_one_target_and_a_reachable_one(calibration, tiny_llama, tmp_path):

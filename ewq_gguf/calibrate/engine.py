@@ -43,6 +43,7 @@ from .workfolder import WorkFolder
 DEFAULT_TOKENS = 32768
 DEFAULT_CTX = 512
 SENSITIVITY_METHODS = ("fisher", "noise")
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # tokens the sensitivities rest on, per method: a backward pass per chunk is cheap enough for thousands of tokens;
 # noise injection runs the rest of the model once per weight and noise level
 DEFAULT_SENSITIVITY_TOKENS = {"fisher": 4096, "noise": 128}
@@ -59,7 +60,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
               sensitivity_tokens: Optional[int] = None, noise_levels: Sequence[float] = DEFAULT_NOISE_LEVELS,
               error_types: Sequence[QType] = tuple(CODECS), error_sample: int = DEFAULT_SAMPLE,
               threads: Optional[int] = None, work_dir: Optional[str | Path] = None, seed: int = 0,
-              progress: bool = True) -> Calibration:
+              compute_dtype: str = "auto", progress: bool = True) -> Calibration:
     """Measure LIM scores, importance vectors and sensitivities of the checkpoint in `model_dir` on `text`
     (default: real English text found on this machine), and the quantization error tables of `error_types`
     (every type we encode by default; empty: none, the optimal planner then measures them when it plans).
@@ -68,11 +69,14 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     work_dir: where the passes keep their files; a later call with the same work_dir and arguments resumes an
     interrupted run there (default: a temporary folder, removed at the end). The caller removes it once the result
     is saved. threads: CPU threads for torch (default: torch's choice); on a CPU shared with other work, fewer
-    threads than cores can be several times faster."""
+    threads than cores can be several times faster. compute_dtype: the blocks' arithmetic, "float32", "bfloat16" or
+    "auto" (bfloat16 for a bfloat16 checkpoint where bfloat16 is fast, see stream.py)."""
     from ..validate.text import load_text
 
     if sensitivity not in SENSITIVITY_METHODS:
         raise InputError(f"unknown sensitivity method '{sensitivity}' (one of {', '.join(SENSITIVITY_METHODS)})")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise InputError(f"unknown compute dtype '{compute_dtype}' (one of {', '.join(COMPUTE_DTYPES)})")
     if sensitivity_tokens is None:
         sensitivity_tokens = DEFAULT_SENSITIVITY_TOKENS[sensitivity]
     if tokens < 1 or ctx < 8 or sensitivity_tokens < 1:
@@ -88,7 +92,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     calibration_text = load_text(text)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    model = StreamedModel(model_dir, torch_device)
+    model = StreamedModel(model_dir, torch_device, COMPUTE_DTYPES[compute_dtype])
     chunks = calibration_tokens(model.tokenizer, calibration_text.content, tokens, ctx)
     if chunks.numel() < tokens:
         warnings.warn(f"calibrating on {chunks.numel()} tokens, fewer than the {tokens} asked for (--tokens): "
@@ -100,7 +104,8 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     imatrix = ImportanceMatrix(datasets=[str(calibration_text.source)], chunk_count=int(chunks.shape[0]),
                                chunk_size=int(chunks.shape[1]))
     key = {"format": CALIBRATION_FORMAT, "model": model_fingerprint(source), "text": calibration_text.sha256,
-           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad, "seed": seed}
+           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad, "seed": seed,
+           "compute_dtype": str(model.compute_dtype)}
 
     def bar(items, **options):
         return progress_bar(items, enabled=progress, **options)
@@ -121,6 +126,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
                              for name, traces in work.state["traces"].items()}
             seconds["sensitivity"] = time.perf_counter() - started
             sensitivity_ids_count = n_grad * int(chunks.shape[1])
+    compute_dtype_used = model.compute_dtype
     del model, passes
     if sensitivity == "noise":
         started = time.perf_counter()
@@ -137,7 +143,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     calibration = Calibration(
         model=source.name, fingerprint=model_fingerprint(source), n_blocks=source.n_blocks,
         text=str(calibration_text.source), text_sha256=calibration_text.sha256, tokens=int(chunks.numel()),
-        ctx=int(chunks.shape[1]), device=str(torch_device), lim=lim, sensitivity=sensitivities,
+        ctx=int(chunks.shape[1]), device=f"{torch_device} {str(compute_dtype_used).removeprefix('torch.')}", lim=lim, sensitivity=sensitivities,
         sensitivity_tokens=sensitivity_ids_count, sensitivity_method=sensitivity,
         noise_levels=[float(level) for level in noise_levels] if sensitivity == "noise" else [],
         seconds=seconds, imatrix=imatrix)

@@ -33,6 +33,9 @@ from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
 from .stream import StreamedModel, _StopForward
 from .workfolder import WorkFolder
 
+# rows squared at a time in float32 (bounds the temporary copy of a large weight or gradient)
+CHUNK_ROWS = 4096
+
 
 class BlockPasses:
     """Runs the passes of one calibration; every result accumulates in `work.state` and survives a restart."""
@@ -137,7 +140,6 @@ class BlockPasses:
         n_chunks = int(self.chunks.shape[0])
         hidden = self.work.chunks(state["hidden"], n_chunks, self.chunk_shape)
         gradients = self.work.chunks(state["gradient"], max(self.n_grad, 1), self.chunk_shape)
-        head = self.model.head
         head_name = OUTPUT_HEAD if not self.model.tied else TOKEN_EMBEDDING
         if head_name not in self.source.by_name:
             head_name = None
@@ -153,10 +155,10 @@ class BlockPasses:
                 output.retain_grad()
             captured["output"] = output
 
-        handles = _Handles([head.register_forward_pre_hook(take_input), head.register_forward_hook(keep_output)])
         traces = state["traces"].setdefault(head_name, []) if head_name else None
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        with handles:
+        with self.model.head_in_float32() as head, _Handles([head.register_forward_pre_hook(take_input),
+                                                             head.register_forward_hook(keep_output)]):
             for index in self.progress_bar(range(n_chunks), desc="head", unit="chunk"):
                 ids = self.chunks[index:index + 1]
                 last = hidden.read(index, self.device)
@@ -189,8 +191,8 @@ class BlockPasses:
                         token_rows = torch.unique(ids.to(self.device))
                         rows[index] = (token_rows, deltas[:, token_rows].T @ features)
                 captured.clear()
-        if head_name:
-            self._note_norms(head_name, head.weight)
+            if head_name:
+                self._note_norms(head_name, head.weight)
         if rows:
             torch.save({index: (token_rows.cpu(), values.cpu()) for index, (token_rows, values) in rows.items()},
                        self.work.path / "head-rows.pt")
@@ -198,14 +200,12 @@ class BlockPasses:
         self._save()
 
     def _draw(self, log_probs: torch.Tensor, index: int) -> torch.Tensor:
-        """One label per position from the model's own prediction, the same on every device: uniforms from a CPU
-        generator seeded by the chunk, inverted through the cumulative distribution."""
+        """One label per position from the model's own prediction, drawn on the CPU by a generator seeded by the
+        chunk, so that every device draws the same labels from the same probabilities."""
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{index}".encode()))
-        uniforms = torch.rand(log_probs.shape[:-1], generator=generator, dtype=torch.float64).to(log_probs.device)
-        cumulative = log_probs.double().exp().cumsum(-1)
-        uniforms = uniforms * cumulative[..., -1]
-        drawn = torch.searchsorted(cumulative, uniforms.unsqueeze(-1)).squeeze(-1)
-        return drawn.clamp_(max=log_probs.shape[-1] - 1)
+        probabilities = log_probs.reshape(-1, log_probs.shape[-1]).exp().cpu()
+        drawn = torch.multinomial(probabilities, 1, generator=generator)
+        return drawn.reshape(log_probs.shape[:-1]).to(log_probs.device)
 
     # --- backward ------------------------------------------------------------------------------------------------
     def backward(self) -> None:
@@ -229,7 +229,7 @@ class BlockPasses:
                     output.backward(source.read(index, self.device))
                     for name, parameter in weights:
                         gradient = parameter.grad
-                        traces[name].append(float(gradient.double().pow(2).sum()) if gradient is not None else 0.0)
+                        traces[name].append(_square_sum(gradient) if gradient is not None else 0.0)
                     for parameter in layer.parameters():
                         parameter.grad = None
                     target.write(index, hidden.grad)
@@ -280,11 +280,23 @@ class BlockPasses:
 
     def _note_norms(self, name: str, weight: torch.Tensor) -> None:
         """||W||^2 and sum_j a_j ||W_:j||^2 (a: the importance vector), which turn gradient norms into alphas."""
-        columns = weight.detach().double().pow(2).reshape(-1, weight.shape[-1]).sum(0)
+        rows = weight.detach().reshape(-1, weight.shape[-1])
+        columns = sum(_column_squares(part) for part in rows.split(CHUNK_ROWS))
         vector = self.imatrix.vector(name)
         weighted = float((torch.from_numpy(vector).to(columns) * columns).sum()) if vector is not None else None
         self.work.state["norms"][name] = [float(columns.sum()), weighted, float(vector.sum()) if vector is not None
                                           else None, int(weight.numel()), int(weight.shape[-1])]
+
+
+def _square_sum(tensor: torch.Tensor) -> float:
+    """sum of x^2 in float32 a slice of rows at a time (a float32 copy of a whole bfloat16 gradient would double
+    its memory), the slices' sums added in float64."""
+    return sum(float(part.float().pow(2).sum()) for part in tensor.reshape(-1, tensor.shape[-1]).split(CHUNK_ROWS))
+
+
+def _column_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Per column, the sum of x^2 over `rows` (float32 within the slice, float64 across slices)."""
+    return rows.float().pow(2).sum(0).double()
 
 
 class _Handles:

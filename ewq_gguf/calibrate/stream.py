@@ -11,6 +11,11 @@ which differ between blocks where sliding and full attention alternate). Those a
 decoder with every block replaced by a recorder: for chunks of one length they do not depend on the tokens. What
 the decoder does before its first block (embedding, scaling) and after its last (final norm, head, soft-capping)
 also runs through the model's own forward, with the blocks standing aside (`embed`, `head`).
+
+Precision: the weights outside the blocks, the hidden states between blocks and the logits are float32. The blocks
+compute in `compute_dtype`: float32, or bfloat16 for a checkpoint stored in bfloat16 where bfloat16 is fast (a GPU,
+or a CPU with AVX512-BF16 or AMX, where it runs about 3x float32's rate); norms and softmax inside the blocks run in
+float32 as transformers' own layers make them.
 """
 from __future__ import annotations
 
@@ -49,11 +54,16 @@ def empty_parameters() -> Iterator[None]:
 class StreamedModel:
     """The transformers model of a checkpoint folder, materialised outside the blocks, block by block inside."""
 
-    def __init__(self, model_dir: str | Path, device: torch.device):
+    def __init__(self, model_dir: str | Path, device: torch.device, compute_dtype: Optional[torch.dtype] = None):
+        """compute_dtype: the blocks' (None: bfloat16 for a bfloat16 checkpoint where that is fast, else float32)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.device = device
         self.checkpoint = Checkpoint(model_dir)
+        if compute_dtype is None:
+            fast = stored_dtype(self.checkpoint) == "BF16" and fast_bfloat16(device)
+            compute_dtype = torch.bfloat16 if fast else torch.float32
+        self.compute_dtype = compute_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
         with empty_parameters():
@@ -71,10 +81,12 @@ class StreamedModel:
         self.head = self.model.get_output_embeddings()
         # tied as transformers ties them when it loads the checkpoint (the head then reads the embedding's weight)
         self.tied = self.head is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+        # the blocks are read one at a time, the head only while the head's pass runs; the embedding's rows are
+        # looked up exactly in their stored dtype, so it stays in it (half the memory of float32)
         skip = {id(parameter) for layer in self.layers for parameter in layer.parameters()}
-        if self.tied:
-            skip.add(id(self.head.weight))
+        skip |= {id(self.embedding.weight), id(self.head.weight)}
         self._materialise(self.model, skip=skip)
+        self._materialise(self.embedding, dtype=None)
         if self.tied:
             self.head.weight = self.embedding.weight
         self.layer_kwargs: list[tuple[tuple, dict[str, Any]]] = []
@@ -91,8 +103,9 @@ class StreamedModel:
         return None
 
     def _materialise(self, module: torch.nn.Module, skip: frozenset | set = frozenset(),
-                     requires_grad: bool = False) -> None:
-        """Read the parameters of `module` (except `skip`) from the checkpoint, float32, on the device."""
+                     requires_grad: bool = False, dtype: Optional[torch.dtype] = torch.float32) -> None:
+        """Read the parameters of `module` (except `skip`) from the checkpoint, in `dtype` (None: as stored), on the
+        device."""
         base = self.prefix[id(module)]
         done: set[int] = set()
         for name, parameter in list(module.named_parameters(remove_duplicate=False)):
@@ -102,7 +115,9 @@ class StreamedModel:
             stored = self._checkpoint_name(full_name)
             if stored is None:
                 raise InputError(f"the checkpoint has no tensor '{full_name}' that the model's class needs")
-            value = self.checkpoint.load(stored).to(device=self.device, dtype=torch.float32)
+            value = self.checkpoint.load(stored).to(device=self.device, dtype=dtype)
+            if not value.is_floating_point():
+                raise InputError(f"tensor '{stored}' is stored as {value.dtype}, not as floating point")
             if tuple(value.shape) != tuple(parameter.shape):
                 raise InputError(f"tensor '{stored}' has shape {list(value.shape)}, the model's class expects "
                                  f"{list(parameter.shape)}")
@@ -125,13 +140,33 @@ class StreamedModel:
     def block(self, index: int, requires_grad: bool = False) -> Iterator[torch.nn.Module]:
         """Block `index` with its weights read from the checkpoint; dropped (back to meta) when the context ends."""
         layer = self.layers[index]
-        self._materialise(layer, requires_grad=requires_grad)
+        self._materialise(layer, requires_grad=requires_grad, dtype=self.compute_dtype)
         try:
             yield layer
         finally:
             for name, parameter in list(layer.named_parameters()):
                 self._set(layer, name, torch.nn.Parameter(torch.empty(parameter.shape, device="meta"),
                                                           requires_grad=False))
+
+    @contextmanager
+    def head_in_float32(self) -> Iterator[torch.nn.Module]:
+        """The output head with its weight in float32, for the logits (a tied head is the embedding, made float32
+        for as long and put back in its stored dtype afterwards)."""
+        name = self.prefix[id(self.head)] + ".weight"
+        if self.tied:
+            stored = self.embedding.weight.dtype
+            self._set(self.model, name, torch.nn.Parameter(self.embedding.weight.detach().float(), requires_grad=False))
+        else:
+            self._materialise(self.head)
+        try:
+            yield self.head
+        finally:
+            if self.tied:
+                self._set(self.model, name, torch.nn.Parameter(self.head.weight.detach().to(stored),
+                                                               requires_grad=False))
+            else:
+                self._set(self.model, name, torch.nn.Parameter(torch.empty(self.head.weight.shape, device="meta"),
+                                                               requires_grad=False))
 
     def hf_name(self, module: torch.nn.Module) -> str:
         return self.prefix[id(module)]
@@ -163,8 +198,10 @@ class StreamedModel:
                 return args[0] if args else kwargs["hidden_states"]
             return recorder
 
+        # float32 stand-ins for the embeddings: the rotary tables and masks are made in the embeddings' dtype
+        stand_in = torch.zeros((*ids.shape, self.embedding.weight.shape[-1]), device=self.device)
         with torch.no_grad(), self._blocks_replaced(make_recorder):
-            self.decoder(input_ids=ids.to(self.device), use_cache=False)
+            self.decoder(inputs_embeds=stand_in, use_cache=False)
         if len(recorded) != self.n_blocks:
             raise InputError(f"the decoder called {len(recorded)} of its {self.n_blocks} blocks")
         for args, kwargs in recorded:
@@ -173,8 +210,8 @@ class StreamedModel:
         self.layer_kwargs = recorded
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Block 0's input for the chunk `ids` (1, ctx), as the decoder computes it (with autograd to the
-        embedding when its weight requires gradients)."""
+        """Block 0's input for the chunk `ids` (1, ctx) in float32, as the decoder computes it (with autograd to
+        the embedding when its weight requires gradients)."""
         caught: list[torch.Tensor] = []
 
         def make_catcher(index: int) -> Callable:
@@ -188,13 +225,16 @@ class StreamedModel:
                 self.decoder(input_ids=ids.to(self.device), use_cache=False)
             except _StopForward:
                 pass
-        return caught[0]
+        return caught[0].float()
 
     def run_block(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `index` on a float32 hidden state, in the compute dtype; its output in float32 (differentiable)."""
         args, kwargs = self.layer_kwargs[index]
-        output = layer(hidden, *args, **kwargs)
+        if self.compute_dtype != torch.float32:
+            args, kwargs = _cast_floats(args, self.compute_dtype), _cast_floats(kwargs, self.compute_dtype)
+        output = layer(hidden.to(self.compute_dtype), *args, **kwargs)
         self.returns_tuple = isinstance(output, (tuple, list))
-        return output[0] if self.returns_tuple else output
+        return (output[0] if self.returns_tuple else output).float()
 
     def logits(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits for the chunk `ids` given the last block's output (final norm, head and whatever the
@@ -202,3 +242,34 @@ class StreamedModel:
         returned = (last_hidden,) if self.returns_tuple else last_hidden
         with self._blocks_replaced(lambda index: (lambda *args, **kwargs: returned)):
             return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors inside (tuples, lists, dicts of) a block's arguments in `dtype`: rotary tables the decoder
+    computed in float32 would otherwise promote the block's queries and keys back to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(item, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, dtype) for key, item in value.items()}
+    return value
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are fast here: on CUDA, or on a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def stored_dtype(checkpoint: Checkpoint) -> str:
+    """The dtype most of the checkpoint's values are stored in (F32, BF16, F16)."""
+    totals: dict[str, int] = {}
+    for record in checkpoint.records.values():
+        totals[record.dtype] = totals.get(record.dtype, 0) + record.nbytes
+    return max(totals, key=totals.get)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Block-streaming calibration on the device machine (one H100; no internet), quoted in docs/results.md
+# ("Calibration on a GPU"). Prepare .device/ (git-ignored) with the gguf wheel, the dev model's config and tokenizer
+# files in .device/smollm2-meta and debian-reference.en.txt.gz; then run with .device carried:
+#   bash scripts/gpu_calibrate_check.sh same    tiny models calibrated on the CPU and on CUDA: the largest
+#                                               differences of importance vectors, LIM and sensitivities
+#   bash scripts/gpu_calibrate_check.sh 8b      a synthetic checkpoint of Llama-3-8B's dimensions, default settings
+#   bash scripts/gpu_calibrate_check.sh big     a synthetic checkpoint of Llama-3-70B's block dimensions whose float32
+#                                               copy is larger than the GPU's memory, small --tokens
+# Prints wall time, phases and peak GPU memory (torch.cuda.max_memory_allocated) as a table. Everything a stage
+# writes goes to a `mktemp -d` folder, removed when it ends; the gguf wheel installs into it too.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+STAGE=${1:?stage: same, 8b or big}
+WORK=$(mktemp -d) || exit 1
+trap 'rm -rf "$WORK"' EXIT
+python3 -m pip install -q --no-index --no-deps --target "$WORK/site" .device/gguf-*.whl || exit 1
+export PYTHONPATH=$WORK/site:$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 - "$STAGE" "$WORK" "$PWD/.device" <<'PY'
+import gzip, json, sys, time
+from pathlib import Path
+import numpy as np
+import torch
+sys.path[:0] = ["scripts", "tests"]
+from ewq_gguf.calibrate import calibrate
+
+stage, work, device_files = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+text = work / "text.txt"
+text.write_text(gzip.decompress((device_files / "debian-reference.en.txt.gz").read_bytes()).decode()[:2_000_000])
+
+def run(folder, **options):
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = calibrate(folder, text, device="cuda", progress=False, **options)
+    return result, time.perf_counter() - started, torch.cuda.max_memory_allocated() / 2**30
+
+if stage == "same":
+    from tiny_models import TINY, make_tiny_model
+    print("| architecture | compute | imatrix max rel diff | LIM max abs diff | alpha cuda/cpu min..max |")
+    print("|---|---|---|---|---|")
+    for architecture in sorted(TINY):
+        for dtype in ("float32", "bfloat16"):
+            folder = make_tiny_model(work / architecture, architecture,
+                                     dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+            options = dict(tokens=1024, ctx=128, sensitivity_tokens=512, error_types=(), compute_dtype=dtype)
+            cpu = calibrate(folder, text, device="cpu", progress=False, **options)
+            cuda = run(folder, **options)[0]
+            vectors_cpu, vectors_cuda = cpu.imatrix.vectors(), cuda.imatrix.vectors()
+            rel = max(float(((vectors_cuda[k] - vectors_cpu[k]).abs() / vectors_cpu[k].abs().clamp_min(1e-12)).max())
+                      for k in vectors_cpu)
+            lim = max(abs(a - b) for a, b in zip(cpu.lim, cuda.lim))
+            ratios = [cuda.sensitivity[k].alpha / cpu.sensitivity[k].alpha for k in cpu.sensitivity
+                      if cpu.sensitivity[k].alpha > 0]
+            print(f"| {architecture} | {dtype} | {rel:.2e} | {lim:.2e} | {min(ratios):.4f}..{max(ratios):.4f} |")
+            import shutil; shutil.rmtree(work / architecture)
+else:
+    from bench_large import LLAMA3_70B, LLAMA3_8B, build_checkpoint
+    folder = work / "synthetic"
+    if stage == "8b":
+        total, _ = build_checkpoint(folder, 15.5, device_files / "smollm2-meta", LLAMA3_8B)
+        options = {}
+    else:
+        free, capacity = torch.cuda.mem_get_info()
+        # float32 copy (2x the bf16 bytes) beyond the GPU's memory
+        total, _ = build_checkpoint(folder, capacity / 2 / 1e9 * 1.08, device_files / "smollm2-meta", LLAMA3_70B)
+        options = dict(tokens=2048, sensitivity_tokens=1024)
+    config = json.loads((folder / "config.json").read_text())
+    print(f"checkpoint: {config['num_hidden_layers']} blocks of hidden {config['hidden_size']}, "
+          f"{total / 1e9:.1f} GB bf16 ({2 * total / 2**30:.1f} GiB in float32); GPU "
+          f"{torch.cuda.mem_get_info()[1] / 2**30:.1f} GiB")
+    result, wall, peak = run(folder, **options)
+    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
+    print("| checkpoint | tokens | sensitivity tokens | compute | wall s | peak GPU GiB | phases |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {stage} | {result.tokens} | {result.sensitivity_tokens} | {result.device} | {wall:.1f} | {peak:.2f} | "
+          f"{phases} |")
+PY

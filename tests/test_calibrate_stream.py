@@ -171,3 +171,41 @@ def test_an_interrupted_calibration_resumes_with_the_same_result(tiny_folders, t
         assert np.array_equal(result.imatrix.sums[name], sums), name
     saved = json.loads(out.read_text())
     assert saved["sensitivity"] == json.loads((tmp_path / "reference.json").read_text())["sensitivity"]
+
+
+@pytest.mark.parametrize("architecture, name", [("LlamaForCausalLM", "output.weight"),
+                                                ("LlamaForCausalLM", "token_embd.weight"),
+                                                ("Qwen3ForCausalLM", "token_embd.weight")])   # Qwen3: tied
+def test_row_fisher_predicts_an_error_on_a_few_rows(tiny_folders, text_file, architecture, name):
+    """An error on the rows of the tokens the text uses most costs far more than the same error spread evenly;
+    the per-row Fisher mass predicts the measured KL of such an error (small errors: the quadratic regime)."""
+    from ewq_gguf.calibrate.runner import ModelRunner, kl_per_token
+    folder = tiny_folders(architecture)
+    calibration = calibrate(folder, text_file, tokens=TOKENS, ctx=CTX, sensitivity_tokens=TOKENS, error_types=(),
+                            device="cpu", progress=False)
+    source = open_checkpoint(folder)
+    runner = ModelRunner(folder, source, torch.device("cpu"))
+    weight = next(w for w in runner.weights if w.name == name).parameter
+    chunks = calibration_tokens(runner.tokenizer, text_file.read_text(), TOKENS, CTX)
+    fisher = torch.tensor(calibration.row_fisher[name], dtype=torch.float64)
+    # the rows of the 8 tokens the text uses most (chosen by counting, not by the estimate: the rows an estimate
+    # ranks highest are also those its noise lifted)
+    rows = torch.bincount(chunks.reshape(-1), minlength=weight.shape[0]).argsort(descending=True)[:8]
+    generator = torch.Generator().manual_seed(1)
+    delta = torch.zeros_like(weight)
+    delta[rows] = torch.randn((len(rows), weight.shape[1]), generator=generator) * 0.02 * weight[rows].std()
+    with torch.no_grad():
+        base = torch.log_softmax(runner.model(input_ids=chunks).logits.float(), -1)
+        original = weight.detach().clone()
+        weight.add_(delta)
+        measured = float(kl_per_token(base, runner.model(input_ids=chunks).logits).mean())
+        weight.copy_(original)
+    columns = weight.shape[1]
+    predicted = float((fisher * delta.double().pow(2).sum(1)).sum() / (2 * columns))
+    evenly = calibration.sensitivity[name].alpha * float(delta.pow(2).sum() / original.pow(2).sum())
+    assert predicted == pytest.approx(measured, rel=0.25)
+    if name == "token_embd.weight":
+        assert evenly < 0.5 * measured      # what alpha alone predicts for it: far too little
+    weighted = calibration.sensitivity[name]
+    t2_rows = float((fisher * delta.double().pow(2).sum(1)).sum() / (fisher * original.double().pow(2).sum(1)).sum())
+    assert weighted.alpha_weighted * t2_rows == pytest.approx(predicted, rel=1e-6)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..imatrix import UNIT, ImportanceMatrix
@@ -73,6 +74,8 @@ class Calibration:
     # quantization errors: "plain" | "imatrix" -> weight -> type -> [t2, t2_weighted]
     errors: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     error_sample: int = 0                      # elements per weight the errors were measured on (0: all)
+    # vocabulary weights (gradient calibrations): per row, its Fisher mass per token; weighs their errors by row
+    row_fisher: dict[str, list[float]] = field(default_factory=dict)
     imatrix: ImportanceMatrix = field(default_factory=ImportanceMatrix)
 
     def check_matches(self, model: SourceModel) -> None:
@@ -82,6 +85,11 @@ class Calibration:
 
     def lim_scores(self) -> np.ndarray:
         return np.asarray(self.lim, dtype=np.float64)
+
+    def row_weights(self, name: str) -> Optional[torch.Tensor]:
+        """The per-row weights of a vocabulary weight's errors, or None (its errors are weighted by column)."""
+        rows = self.row_fisher.get(name)
+        return torch.tensor(rows, dtype=torch.float64) if rows else None
 
     def alpha(self, name: str, weighted: bool) -> Optional[float]:
         measured = self.sensitivity.get(name)

@@ -15,9 +15,18 @@ vanish in expectation. Per chunk this is one backward pass, recomputing each blo
 gradient reaching a block's input is what the block below backpropagates. Each chunk gives its own estimate, so
 their spread is the uncertainty (sensitivity.py bootstraps over them).
 
-The output head's gradient is never formed (vocabulary x width): for logits = H W^T, ||dL/dW||^2 = sum((D D^T) *
-(H H^T)) with D = dL/dlogits, which costs chunk^2 x (vocabulary + width). A tied embedding is one weight reached
-twice; the gradient is the sum of both paths, and the embedding path only touches the rows of the chunk's tokens.
+The output head's gradient is never formed (vocabulary x width; see below for its rows). A tied embedding is one
+weight reached twice; the gradient is the sum of both paths, and the embedding path only touches the rows of the
+chunk's tokens.
+
+The vocabulary's matrices (token embedding, output head) also get their Fisher information per row: a row is one
+token, and how much its error costs depends on how often that token is read or predicted, which an error spread
+evenly over the rows (what alpha assumes) does not see. With f_r the Fisher mass of row r per token, the KL of an
+error d is 1/2 sum_r f_r ||d_r||^2 / columns: row-weighted errors (quant_error.py) and their alpha_weighted =
+sum_r f_r ||W_r||^2 / (2 columns) predict it for quantization errors, whose size follows each row's own scale.
+The head's rows are taken in expectation over the drawn labels, without forming its gradient: row r's is
+sum_s p_sr (1 - p_sr) ||h_s||^2 (times the derivative of any soft-cap); a single draw would make exactly the rows
+of the drawn tokens look heavy.
 """
 from __future__ import annotations
 
@@ -63,10 +72,12 @@ class BlockPasses:
         state.setdefault("embedding", False)
         state.setdefault("traces", {})          # GGUF weight -> per-chunk ||gradient||^2
         state.setdefault("norms", {})           # GGUF weight -> [||W||^2, sum_j a_j ||W_:j||^2, N, columns]
+        state.setdefault("row_traces", {})      # vocabulary weight -> per-chunk sum_r f_r ||W_r||^2
         saved = work.load_arrays("imatrix")
         for key, value in saved.items():
             kind, _, name = key.partition(":")
             (imatrix.sums if kind == "sums" else imatrix.counts)[name] = value
+        self.row_fisher: dict[str, np.ndarray] = work.load_arrays("rows")   # vocabulary weight -> sum over chunks
 
     # --- names ---------------------------------------------------------------------------------------------------
     def gguf_name(self, parameter_name: str) -> Optional[str]:
@@ -79,6 +90,7 @@ class BlockPasses:
         arrays = {f"sums:{name}": value for name, value in self.imatrix.sums.items()}
         arrays.update({f"counts:{name}": value for name, value in self.imatrix.counts.items()})
         self.work.save_arrays("imatrix", arrays)
+        self.work.save_arrays("rows", self.row_fisher)
         self.work.save()
 
     # --- forward -------------------------------------------------------------------------------------------------
@@ -156,9 +168,11 @@ class BlockPasses:
             captured["output"] = output
 
         traces = state["traces"].setdefault(head_name, []) if head_name else None
+        row_traces = state["row_traces"].setdefault(head_name, []) if head_name else None
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with self.model.head_in_float32() as head, _Handles([head.register_forward_pre_hook(take_input),
                                                              head.register_forward_hook(keep_output)]):
+            row_norms = _row_squares(head.weight)
             for index in self.progress_bar(range(n_chunks), desc="head", unit="chunk"):
                 ids = self.chunks[index:index + 1]
                 last = hidden.read(index, self.device)
@@ -178,16 +192,27 @@ class BlockPasses:
                 if head_name:
                     self._add_input(head_name, captured["input"])
                 log_probs = F.log_softmax(logits.float(), dim=-1)
+                if head_name:
+                    head_output = captured["output"]
+                    # d logits / d head output, elementwise (1, or a soft-cap's or scale's derivative)
+                    slope, = torch.autograd.grad(logits.sum(), head_output, retain_graph=True)
                 drawn = self._draw(log_probs.detach(), index)
                 (-log_probs.gather(-1, drawn.unsqueeze(-1)).sum()).backward()
                 gradients.write(index, last.grad)
                 if head_name:
                     features = captured["input"].detach().reshape(-1, captured["input"].shape[-1]).float()
-                    deltas = captured["output"].grad.reshape(-1, captured["output"].shape[-1]).float()
-                    gram = (deltas @ deltas.T).double() * (features @ features.T).double()
-                    traces.append(float(gram.sum()))
+                    deltas = head_output.grad.reshape(-1, head_output.shape[-1]).float()
+                    # the head's own rows in expectation over the labels, not from the one draw: a row's estimate
+                    # from a draw is large exactly where its token happened to be drawn
+                    probabilities = log_probs.detach().exp().reshape(deltas.shape)
+                    expected = slope.reshape(deltas.shape).float().pow(2) * probabilities * (1 - probabilities)
+                    row_fisher = (expected * features.pow(2).sum(1, keepdim=True)).sum(0).double()
+                    traces.append(float(row_fisher.sum()))
+                    row_traces.append(float((row_fisher * row_norms).sum()))
+                    self._add_rows(head_name, torch.arange(len(row_fisher)), row_fisher)
                     if self.model.tied:
-                        # the head's gradient on the rows of this chunk's tokens, added to the embedding's later
+                        # the head's sampled gradient on the rows of this chunk's tokens: the embedding's path
+                        # adds to it (the cross term of the two paths), later
                         token_rows = torch.unique(ids.to(self.device))
                         rows[index] = (token_rows, deltas[:, token_rows].T @ features)
                 captured.clear()
@@ -251,7 +276,8 @@ class BlockPasses:
         embedding.weight.requires_grad_(True)
         sparse = embedding.sparse
         embedding.sparse = True          # the gradient touches only the rows of the chunk's tokens
-        traces = []
+        traces, row_traces = [], []
+        row_norms = _row_squares(embedding.weight)
         try:
             for index in range(self.n_grad):
                 hidden = self.model.embed(self.chunks[index:index + 1])
@@ -260,23 +286,36 @@ class BlockPasses:
                 embedding.weight.grad = None
                 token_rows, values = gradient.indices()[0], gradient.values().double()
                 if index in head_rows:
+                    # the head's gradient on these rows is added; on the other rows it is in the head's traces
                     head_tokens, head_values = head_rows[index]
                     position = {int(token): row for row, token in enumerate(token_rows.tolist())}
                     picked = torch.tensor([position[int(token)] for token in head_tokens], device=values.device)
-                    values = values.index_add(0, picked, head_values.to(values.device).double())
-                    # the head's gradient on the other rows is in the head's trace, already taken
-                    outside = state["traces"][TOKEN_EMBEDDING][index] - float(head_values.double().pow(2).sum())
-                    traces.append(float(values.pow(2).sum()) + outside)
+                    head_values = head_values.to(values.device).double()
+                    head_alone = torch.zeros_like(values).index_add_(0, picked, head_values).pow(2).sum(1)
+                    values = values.index_add(0, picked, head_values)
                 else:
-                    traces.append(float(values.pow(2).sum()))
+                    head_alone = torch.zeros(len(token_rows), dtype=torch.float64, device=values.device)
+                added = values.pow(2).sum(1) - head_alone            # per row: both paths, less the head's alone
+                self._add_rows(TOKEN_EMBEDDING, token_rows, added)
+                before = state["traces"][TOKEN_EMBEDDING][index] if self.model.tied else 0.0
+                before_rows = state["row_traces"][TOKEN_EMBEDDING][index] if self.model.tied else 0.0
+                traces.append(before + float(added.sum()))
+                row_traces.append(before_rows + float((added * row_norms[token_rows]).sum()))
         finally:
             embedding.sparse = sparse
             embedding.weight.requires_grad_(False)
             embedding.weight.grad = None
         state["traces"][TOKEN_EMBEDDING] = traces
+        state["row_traces"][TOKEN_EMBEDDING] = row_traces
         self._note_norms(TOKEN_EMBEDDING, embedding.weight)
         state["embedding"] = True
         self._save()
+
+    def _add_rows(self, name: str, token_rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Accumulate per-row Fisher mass (float64) of a vocabulary weight."""
+        if name not in self.row_fisher:
+            self.row_fisher[name] = np.zeros(self.source.by_name[name].shape[0])
+        np.add.at(self.row_fisher[name], token_rows.cpu().numpy(), values.double().cpu().numpy())
 
     def _note_norms(self, name: str, weight: torch.Tensor) -> None:
         """||W||^2 and sum_j a_j ||W_:j||^2 (a: the importance vector), which turn gradient norms into alphas."""
@@ -292,6 +331,11 @@ def _square_sum(tensor: torch.Tensor) -> float:
     """sum of x^2 in float32 a slice of rows at a time (a float32 copy of a whole bfloat16 gradient would double
     its memory), the slices' sums added in float64."""
     return sum(float(part.float().pow(2).sum()) for part in tensor.reshape(-1, tensor.shape[-1]).split(CHUNK_ROWS))
+
+
+def _row_squares(weight: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of x^2 (float64), a slice of rows at a time."""
+    return torch.cat([part.float().pow(2).sum(1).double() for part in weight.detach().split(CHUNK_ROWS)])
 
 
 def _column_squares(rows: torch.Tensor) -> torch.Tensor:
@@ -313,15 +357,20 @@ class _Handles:
             handle.remove()
 
 
-def chunk_alphas(traces: list[float], norms: list, tokens_per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_alphas(traces: list[float], norms: list, tokens_per_chunk: int,
+                 row_traces: Optional[list[float]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-chunk alpha and alpha_weighted of one weight from its gradient norms (see the module docstring).
 
-    alpha = ||W||^2 tr(F) / (2N). The noise of a noise-injection measurement is even over the columns, so its
-    importance-weighted size is t^2 ||W||^2 sum(a) / (columns sum_j a_j ||W_:j||^2) and alpha_weighted =
-    tr(F) columns sum_j a_j ||W_:j||^2 / (2 N sum(a))."""
+    alpha = ||W||^2 tr(F) / (2N). alpha_weighted goes with the weighted errors: for a vocabulary weight (row_traces:
+    per chunk sum_r f_r ||W_r||^2) the row-weighted ones, sum_r f_r ||W_r||^2 / (2 columns); otherwise the
+    importance-weighted ones, whose noise counterpart is even over the columns: its weighted size is
+    t^2 ||W||^2 sum(a) / (columns sum_j a_j ||W_:j||^2), so alpha_weighted = tr(F) columns sum_j a_j ||W_:j||^2 /
+    (2 N sum(a))."""
     norm2, weighted2, importance_sum, numel, columns = norms
     fisher = np.asarray(traces, dtype=np.float64) / tokens_per_chunk
     alpha = norm2 * fisher / (2 * numel)
+    if row_traces:
+        return alpha, np.asarray(row_traces, dtype=np.float64) / tokens_per_chunk / (2 * columns)
     if weighted2 is None or not importance_sum:
         return alpha, alpha.copy()
     return alpha, fisher * columns * weighted2 / (2 * numel * importance_sum)

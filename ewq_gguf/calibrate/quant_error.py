@@ -23,6 +23,9 @@ from ..quant import can_hold, dequantize, quantize
 from ..source.model import SourceModel, TensorSpec
 
 DEFAULT_SAMPLE = 1 << 15
+# rows a row-weighted error is measured on at least: a vocabulary's Fisher mass spreads over the tokens the text
+# reads and predicts, more rows than DEFAULT_SAMPLE elements hold
+MIN_WEIGHTED_ROWS = 1024
 
 
 def sample_rows(tensor: torch.Tensor, sample: int) -> torch.Tensor:
@@ -57,15 +60,48 @@ def _ratio(error: float, norm: float) -> float:
     return error / norm if norm > 0 else math.inf
 
 
+def heaviest_rows(tensor: torch.Tensor, row_weights: torch.Tensor, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows that carry most of sum_r f_r ||W_r||^2 (at least MIN_WEIGHTED_ROWS of them, or `sample` elements'
+    worth), with their weights: a row-weighted error measured on them stands for the whole tensor's."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    wanted = max(MIN_WEIGHTED_ROWS, -(-sample // rows.shape[1]) if sample > 0 else rows.shape[0])
+    mass = row_weights.to(rows.device) * rows.float().pow(2).sum(1).double()
+    index = torch.argsort(mass, descending=True)[:wanted].sort().values
+    return rows[index], row_weights.to(rows.device)[index]
+
+
+def row_weighted_error(rows: torch.Tensor, qtype: QType, quant_importance: Optional[torch.Tensor],
+                       row_weights: torch.Tensor) -> float:
+    """sum_r f_r ||(W_hat - W)_r||^2 / sum_r f_r ||W_r||^2 of rows stored in qtype."""
+    rows = rows.to(torch.float32)
+    restored = dequantize(quantize(rows, qtype, quant_importance), qtype, rows.shape[1])
+    weights = row_weights.to(device=rows.device, dtype=torch.float64)
+    return _ratio(float((weights * (restored - rows).double().pow(2).sum(1)).sum()),
+                  float((weights * rows.double().pow(2).sum(1)).sum()))
+
+
 def error_table(model: SourceModel, specs: Sequence[TensorSpec], types: Sequence[QType],
                 quant_importance: Callable[[str], Optional[torch.Tensor]],
                 column_weights: Callable[[str], Optional[torch.Tensor]], *, sample: int = DEFAULT_SAMPLE,
-                device: torch.device = torch.device("cpu"), progress: bool = True) -> dict[str, dict[str, list[float]]]:
-    """weight name -> type name -> [t2, t2_weighted], for every type in `types` whose block size fits the row."""
+                device: torch.device = torch.device("cpu"), progress: bool = True,
+                row_weights: Callable[[str], Optional[torch.Tensor]] = lambda name: None,
+                ) -> dict[str, dict[str, list[float]]]:
+    """weight name -> type name -> [t2, t2_weighted], for every type in `types` whose block size fits the row.
+
+    t2_weighted weighs input columns by `column_weights`, or, for a weight with `row_weights` (a vocabulary weight
+    of a gradient calibration), rows by them, measured on its heaviest rows."""
     table: dict[str, dict[str, list[float]]] = {}
     for spec in progress_bar(specs, desc="quantization errors", unit="weight", enabled=progress):
-        rows = sample_rows(model.load(spec), sample).to(device=device, dtype=torch.float32)
-        importance, weights = quant_importance(spec.name), column_weights(spec.name)
-        table[spec.name] = {qtype.name: list(relative_errors(rows, qtype, importance, weights))
-                            for qtype in types if can_hold(qtype, spec.shape[-1])}
+        tensor = model.load(spec)
+        rows = sample_rows(tensor, sample).to(device=device, dtype=torch.float32)
+        importance, weights, by_row = quant_importance(spec.name), column_weights(spec.name), row_weights(spec.name)
+        fitting = [qtype for qtype in types if can_hold(qtype, spec.shape[-1])]
+        if by_row is None:
+            table[spec.name] = {qtype.name: list(relative_errors(rows, qtype, importance, weights))
+                                for qtype in fitting}
+            continue
+        heavy, heavy_weights = heaviest_rows(tensor.to(device=device, dtype=torch.float32), by_row, sample)
+        table[spec.name] = {qtype.name: [relative_errors(rows, qtype, importance, None)[0],
+                                         row_weighted_error(heavy, qtype, importance, heavy_weights)]
+                            for qtype in fitting}
     return table

@@ -1,15 +1,16 @@
 """Optimal per-tensor types for a size budget (the linearity theorem, METHODS.md section 4).
 
 The KL increase of a mixed-precision file is predicted as sum over weights of alpha_w * t2_w(type_w): alpha from the
-calibration's noise injection, t2 the measured relative error of the weight in that type. Among every assignment of
+calibration (gradients or noise injection), t2 the measured relative error of the weight in that type. Among every assignment of
 one candidate type per weight whose file fits the budget, the planner returns one of least predicted KL: a
 multiple-choice knapsack solved exactly by dynamic programming over the byte budget in units of `unit` bytes.
 Sizes are rounded up to whole units and the budget down, so the plan never exceeds it; the optimum is exact for
 unit = 1 and at most one unit per weight from the exact optimum otherwise (the DP uses about 200,000 units).
 
 Which error metric: "weighted" measures the error with input columns weighted by their mean squared activation
-(what reaches the layer's output; importance-weighted quantization lowers exactly this), "plain" the Frobenius
-ratio of METHODS.md. Both are fitted against the same noise measurements.
+(what reaches the layer's output; importance-weighted quantization lowers exactly this), and, for the vocabulary's
+matrices of a gradient calibration, with rows weighted by their Fisher mass (how often a token is read or
+predicted); "plain" is the Frobenius ratio of METHODS.md.
 
 File size: a GGUF file is its header (metadata, the tokenizer, the plan itself as ewq.plan, the tensor table) padded
 to the data alignment, then each tensor padded to it. The DP counts padded tensor sizes; the header depends on the
@@ -251,7 +252,8 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
                                                                                              spec.shape[-1])))
         errors = error_table(model, specs, measured_types, quant_vectors.get, vectors.get,
                              sample=calibration.error_sample or DEFAULT_SAMPLE,
-                             device=device or torch.device("cpu"), progress=progress)
+                             device=device or torch.device("cpu"), progress=progress,
+                             row_weights=calibration.row_weights)
     choices = candidate_choices(model, alphas, errors, candidates, metric)
     params = {"metric": metric, "types": [qtype.name for qtype in candidates],
               "imatrix": variant or "other", "calibration_text": calibration.text,

@@ -7,8 +7,9 @@
 #   bash scripts/gpu_calibrate_check.sh 8b      a synthetic checkpoint of Llama-3-8B's dimensions, default settings
 #   bash scripts/gpu_calibrate_check.sh big     a synthetic checkpoint of Llama-3-70B's block dimensions whose float32
 #                                               copy is larger than the GPU's memory, small --tokens
-# Prints wall time, phases and peak GPU memory (torch.cuda.max_memory_allocated) as a table. Everything a stage
-# writes goes to a `mktemp -d` folder, removed when it ends; the gguf wheel installs into it too.
+# Prints wall time, phases and peak GPU memory (torch.cuda.max_memory_allocated) as a table, also written to
+# $OUT/calibrate-STAGE.md when $OUT is set (the device tool brings it back; scripts/results_file.py puts it in
+# docs/results.md). Everything else a stage writes goes to a `mktemp -d` folder, removed when it ends.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 STAGE=${1:?stage: same, 8b or big}
@@ -17,7 +18,7 @@ trap 'rm -rf "$WORK"' EXIT
 python3 -m pip install -q --no-index --no-deps --target "$WORK/site" .device/gguf-*.whl || exit 1
 export PYTHONPATH=$WORK/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 - "$STAGE" "$WORK" "$PWD/.device" <<'PY'
+python3 - "$STAGE" "$WORK" "$PWD/.device" <<'PY' | tee "${OUT:-$WORK}/calibrate-$STAGE.md"
 import gzip, json, sys, time
 from pathlib import Path
 import numpy as np

@@ -59,3 +59,12 @@ def update_section(path: Path, title: str, body: str, command: str) -> None:
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+if __name__ == "__main__":
+    # A table made on another machine (the device machine's scripts print theirs) into docs/results.md:
+    #   python scripts/results_file.py TITLE BODY_FILE "COMMAND THAT MADE IT"
+    import sys
+
+    title, body_file, command = sys.argv[1:4]
+    update_section(REPOSITORY / "docs" / "results.md", title, Path(body_file).read_text(), command)

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -42,3 +43,23 @@ def tiny_gguf(tmp_path_factory, tiny_llama):
         return made[type_name]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (pytestmark = pytest.mark.usefixtures("one_torch_thread")): on a CPU shared
+    with other jobs, threads that wait for each other are far slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def calibration_text(tmp_path_factory) -> Path:
+    """A calibration text of a few thousand tokens of the tiny tokenizers."""
+    from tiny_tokenizers import SAMPLE_TEXT
+
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(SAMPLE_TEXT * 12)
+    return path

@@ -20,25 +20,15 @@ from ewq_gguf.imatrix import ImportanceMatrix
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint
 from tiny_models import make_tiny_model
-from tiny_tokenizers import SAMPLE_TEXT
 
 TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K, QType.F16)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread: on a CPU shared with other jobs, threads that wait for each other are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_text(SAMPLE_TEXT * 12)
-    return path
+def text_file(calibration_text) -> Path:
+    return calibration_text
 
 
 @pytest.fixture(scope="module")

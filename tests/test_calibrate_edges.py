@@ -22,14 +22,7 @@ from tiny_tokenizers import SAMPLE_TEXT
 
 ZERO_WEIGHT = "model.layers.1.mlp.down_proj.weight"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread: on a CPU shared with other jobs, threads that wait for each other are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

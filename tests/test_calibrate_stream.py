@@ -16,24 +16,16 @@ from ewq_gguf.calibrate.stream import StreamedModel
 from ewq_gguf.calibrate.workfolder import work_folder_for
 from ewq_gguf.source.model import TOKEN_EMBEDDING, open_checkpoint
 from tiny_models import TINY, make_tiny_model
-from tiny_tokenizers import SAMPLE_TEXT
 
 TOKENS, CTX = 256, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_text(SAMPLE_TEXT * 12)
-    return path
+def text_file(calibration_text):
+    return calibration_text
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +201,18 @@ def test_row_fisher_predicts_an_error_on_a_few_rows(tiny_folders, text_file, arc
     weighted = calibration.sensitivity[name]
     t2_rows = float((fisher * delta.double().pow(2).sum(1)).sum() / (fisher * original.double().pow(2).sum(1)).sum())
     assert weighted.alpha_weighted * t2_rows == pytest.approx(predicted, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_calibrate_check.sh same)")
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_cuda_measures_what_the_cpu_measures(tiny_folders, text_file, compute_dtype):
+    folder = tiny_folders("Qwen3ForCausalLM")
+    options = dict(tokens=TOKENS, ctx=CTX, sensitivity_tokens=TOKENS, error_types=(), progress=False,
+                   compute_dtype=compute_dtype)
+    cpu, cuda = (calibrate(folder, text_file, device=device, **options) for device in ("cpu", "cuda"))
+    tolerance = 1e-4 if compute_dtype == "float32" else 3e-2
+    for name, vector in cpu.imatrix.vectors().items():
+        assert torch.allclose(cuda.imatrix.vectors()[name], vector, rtol=tolerance), name
+    assert np.allclose(cuda.lim, cpu.lim, atol=tolerance)
+    for name, measured in cpu.sensitivity.items():
+        assert cuda.sensitivity[name].alpha == pytest.approx(measured.alpha, rel=10 * tolerance), name

@@ -216,3 +216,51 @@ def test_cuda_measures_what_the_cpu_measures(tiny_folders, text_file, compute_dt
     assert np.allclose(cuda.lim, cpu.lim, atol=tolerance)
     for name, measured in cpu.sensitivity.items():
         assert cuda.sensitivity[name].alpha == pytest.approx(measured.alpha, rel=10 * tolerance), name
+
+
+def test_a_killed_calibration_resumes_with_the_same_result(tmp_path):
+    """SIGKILL mid-run (no handler can help): the rerun continues from the last finished block and ends with the
+    result of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tiny_tokenizers import SAMPLE_TEXT
+
+    folder = make_tiny_model(tmp_path / "model", "LlamaForCausalLM", hidden_size=256, intermediate_size=768,
+                             num_hidden_layers=8)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 40)
+    arguments = ["--text", str(text), "--tokens", "2048", "--ctx", "128", "--sensitivity-tokens", "512",
+                 "--no-errors", "--device", "cpu", "--threads", "1", "--quiet"]
+
+    def command(out):
+        return [sys.executable, "-m", "ewq_gguf", "calibrate", str(folder), "--out", str(out), *arguments]
+
+    subprocess.run(command(tmp_path / "reference.json"), check=True, capture_output=True)
+    out = tmp_path / "calib.json"
+    state = work_folder_for(out) / "state.json"
+    process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(state.read_text())["state"].get("forward", 0) >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "the calibration ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    finished = json.loads(state.read_text())["state"]["forward"]
+    assert finished >= 3
+    subprocess.run(command(out), check=True, capture_output=True)
+    assert not work_folder_for(out).exists()
+    reference, resumed = (json.loads(path.read_text()) for path in (tmp_path / "reference.json", out))
+    for key in ("lim", "sensitivity", "row_fisher", "tokens"):
+        assert resumed[key] == reference[key], key
+    assert (out.with_name("calib.imatrix.gguf").read_bytes()
+            == (tmp_path / "reference.imatrix.gguf").read_bytes())

@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768, help="activation tokens of both calibrations")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=20, help="evaluation chunks of --ctx tokens")
+    parser.add_argument("--noise-tokens", type=int, default=128,
+                        help="tokens of the noise-injection reference (its default 128; more is a steadier reference)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bpw", type=lambda text: [float(v) for v in text.split(",")], default=[4.5, 5.0, 5.5, 6.0, 7.0])
     parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
@@ -65,13 +67,16 @@ def main() -> None:
 
     calibrations, seconds = {}, {}
     for method in METHODS:
-        def run(out: Path, method=method) -> None:
+        noise_tokens = {"sensitivity_tokens": args.noise_tokens} if method == "noise" else {}
+        suffix = f"-{args.noise_tokens}" if method == "noise" and args.noise_tokens != 128 else ""
+
+        def run(out: Path, method=method, options=noise_tokens) -> None:
             started = time.perf_counter()
             result = calibrate(args.model, calib_text, tokens=args.tokens, ctx=args.ctx, device="cpu",
-                               sensitivity=method, threads=args.threads, progress=False)
+                               sensitivity=method, threads=args.threads, progress=False, **options)
             result.seconds["wall"] = time.perf_counter() - started
             result.save(out)
-        calibrations[method] = Calibration.load(step(work / f"calib-{method}.json", run, partial=False))
+        calibrations[method] = Calibration.load(step(work / f"calib-{method}{suffix}.json", run, partial=False))
         seconds[method] = calibrations[method].seconds
 
     names = sorted(calibrations["noise"].sensitivity)
@@ -91,7 +96,8 @@ def main() -> None:
     files, plans = {}, {}
     for method in METHODS:
         for label, target in targets:
-            path = work / f"{method}-{label.replace(' ', '-')}.gguf"
+            suffix = f"-{args.noise_tokens}" if method == "noise" and args.noise_tokens != 128 else ""
+            path = work / f"{method}{suffix}-{label.replace(' ', '-')}.gguf"
             made = {}
 
             def make(out: Path, method=method, target=target) -> None:
@@ -136,7 +142,8 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        update_section(args.results, f"Sensitivities: gradients vs noise: {args.model.name}", body,
+        reference = f", noise on {args.noise_tokens} tokens" if args.noise_tokens != 128 else ""
+        update_section(args.results, f"Sensitivities: gradients vs noise: {args.model.name}{reference}", body,
                        "python " + shown_arguments(sys.argv))
 
 

@@ -264,3 +264,17 @@ def test_a_killed_calibration_resumes_with_the_same_result(tmp_path):
         assert resumed[key] == reference[key], key
     assert (out.with_name("calib.imatrix.gguf").read_bytes()
             == (tmp_path / "reference.imatrix.gguf").read_bytes())
+
+
+def test_bfloat16_blocks_measure_what_float32_blocks_do(tmp_path, text_file):
+    """A bfloat16 checkpoint calibrated with bfloat16 blocks (the default where bfloat16 is fast) against the same
+    checkpoint in float32 blocks: the same vectors and LIM to bfloat16's precision, sensitivities alike."""
+    folder = make_tiny_model(tmp_path / "bf16", "Gemma2ForCausalLM", dtype=torch.bfloat16)
+    options = dict(tokens=TOKENS, ctx=CTX, sensitivity_tokens=TOKENS, error_types=(), device="cpu", progress=False)
+    wide, narrow = (calibrate(folder, text_file, compute_dtype=dtype, **options) for dtype in ("float32", "bfloat16"))
+    assert narrow.device == "cpu bfloat16" and wide.device == "cpu float32"
+    for name, vector in wide.imatrix.vectors().items():
+        assert torch.allclose(narrow.imatrix.vectors()[name], vector, rtol=5e-2, atol=1e-6), name
+    assert np.allclose(narrow.lim, wide.lim, atol=2e-2)
+    for name, measured in wide.sensitivity.items():
+        assert narrow.sensitivity[name].alpha == pytest.approx(measured.alpha, rel=0.25), name

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..imatrix import ImportanceMatrix
 from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
-from .stream import StreamedModel, _StopForward
+from .stream import StreamedModel, StopForward
 from .workfolder import WorkFolder
 
 # rows squared at a time in float32 (bounds the temporary copy of a large weight or gradient)
@@ -81,7 +81,7 @@ class BlockPasses:
 
     # --- names ---------------------------------------------------------------------------------------------------
     def gguf_name(self, parameter_name: str) -> Optional[str]:
-        stored = self.model._checkpoint_name(parameter_name)
+        stored = self.model.checkpoint_name(parameter_name)
         name = self.source.adapter.gguf_name(stored) if stored else None
         spec = self.source.by_name.get(name) if name else None
         return name if spec is not None and spec.is_matrix else None
@@ -160,7 +160,7 @@ class BlockPasses:
         def take_input(module, args):
             captured["input"] = args[0]
             if "stop" in captured:
-                raise _StopForward
+                raise StopForward
 
         def keep_output(module, args, output):
             if output.requires_grad:
@@ -181,7 +181,7 @@ class BlockPasses:
                     with torch.no_grad():
                         try:
                             self.model.logits(ids, last)
-                        except _StopForward:
+                        except StopForward:
                             pass
                     if head_name:
                         self._add_input(head_name, captured["input"])

@@ -7,16 +7,17 @@ from block b on, so the inputs of every block are cached once and a measurement 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..source.model import OUTPUT_HEAD, SourceModel
+from .stream import replaced_forwards
 
 
 @dataclass(frozen=True)
@@ -113,27 +114,12 @@ class ModelRunner:
         with self._skipping(start, block_outputs):
             return self.model(input_ids=ids.to(self.input_device), use_cache=False).logits
 
-    @contextmanager
-    def _skipping(self, start: int, block_outputs: list) -> Iterator[None]:
-        """Replace the forward of layers before `start` by one that returns the cached output of layer start-1.
-        Instance attributes, so every attribute the decoder loop reads (attention types...) stays the layer's own;
-        any forward already set on the instance (accelerate's placement hooks) is put back afterwards."""
+    def _skipping(self, start: int, block_outputs: list):
+        """Layers before `start` return the cached output of layer start-1 instead of running."""
         if start == 0:
-            yield
-            return
+            return nullcontext()
         cached = block_outputs[start - 1]
-        saved = [layer.__dict__.get("forward") for layer in self.layers[:start]]
-        try:
-            for layer in self.layers[:start]:
-                layer.forward = lambda *args, **kwargs: cached
-            yield
-        finally:
-            for layer, forward in zip(self.layers[:start], saved):
-                if forward is None:
-                    del layer.forward
-                else:
-                    layer.forward = forward
-
+        return replaced_forwards(self.layers[:start], lambda index: (lambda *args, **kwargs: cached))
 
 def kl_per_token(base_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(base || candidate) at every position, nats (float64 sum over the vocabulary)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..source.checkpoint import Checkpoint
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the recorder in place of block 0, to end a forward once the block input is known."""
 
 
@@ -49,6 +49,24 @@ def empty_parameters() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.register_parameter = register
+
+
+@contextmanager
+def replaced_forwards(layers: Sequence[torch.nn.Module], make_forward: Callable[[int], Callable]) -> Iterator[None]:
+    """Each layer's forward replaced by make_forward(its index) for as long as the context lasts. Instance
+    attributes, so every attribute a decoder loop reads from a layer (attention types...) stays the layer's own; a
+    forward already set on an instance is put back afterwards."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for index, layer in enumerate(layers):
+            layer.forward = make_forward(index)
+        yield
+    finally:
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 class StreamedModel:
@@ -93,7 +111,7 @@ class StreamedModel:
         self.returns_tuple: Optional[bool] = None
 
     # --- weights -------------------------------------------------------------------------------------------------
-    def _checkpoint_name(self, name: str) -> Optional[str]:
+    def checkpoint_name(self, name: str) -> Optional[str]:
         """The checkpoint's name for a parameter of the model (some checkpoints omit the base model's prefix)."""
         if name in self.checkpoint.records:
             return name
@@ -112,7 +130,7 @@ class StreamedModel:
             if id(parameter) in skip or id(parameter) in done:
                 continue
             full_name = f"{base}.{name}" if base else name
-            stored = self._checkpoint_name(full_name)
+            stored = self.checkpoint_name(full_name)
             if stored is None:
                 raise InputError(f"the checkpoint has no tensor '{full_name}' that the model's class needs")
             value = self.checkpoint.load(stored).to(device=self.device, dtype=dtype)
@@ -172,22 +190,6 @@ class StreamedModel:
         return self.prefix[id(module)]
 
     # --- passes through the model's own forward ------------------------------------------------------------------
-    @contextmanager
-    def _blocks_replaced(self, make_forward: Callable[[int], Callable]) -> Iterator[None]:
-        """Every block's forward replaced (instance attributes, so the decoder loop reads each block's own
-        attributes, attention types included); a forward already set on an instance is put back afterwards."""
-        saved = [layer.__dict__.get("forward") for layer in self.layers]
-        try:
-            for index, layer in enumerate(self.layers):
-                layer.forward = make_forward(index)
-            yield
-        finally:
-            for layer, forward in zip(self.layers, saved):
-                if forward is None:
-                    del layer.forward
-                else:
-                    layer.forward = forward
-
     def record_layer_arguments(self, ids: torch.Tensor) -> None:
         """Record the arguments the decoder passes each block for chunks shaped like `ids` (1, ctx)."""
         recorded: list[tuple[tuple, dict[str, Any]]] = []
@@ -200,14 +202,17 @@ class StreamedModel:
 
         # float32 stand-ins for the embeddings: the rotary tables and masks are made in the embeddings' dtype
         stand_in = torch.zeros((*ids.shape, self.embedding.weight.shape[-1]), device=self.device)
-        with torch.no_grad(), self._blocks_replaced(make_recorder):
+        with torch.no_grad(), replaced_forwards(self.layers, make_recorder):
             self.decoder(inputs_embeds=stand_in, use_cache=False)
         if len(recorded) != self.n_blocks:
             raise InputError(f"the decoder called {len(recorded)} of its {self.n_blocks} blocks")
         for args, kwargs in recorded:
             kwargs.pop("hidden_states", None)
             kwargs["use_cache"] = False
-        self.layer_kwargs = recorded
+        # in the blocks' dtype once, not at every call: rotary tables made in float32 would otherwise promote the
+        # queries and keys of bfloat16 blocks back to float32
+        self.layer_kwargs = [(_cast_floats(args, self.compute_dtype), _cast_floats(kwargs, self.compute_dtype))
+                             for args, kwargs in recorded]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Block 0's input for the chunk `ids` (1, ctx) in float32, as the decoder computes it (with autograd to
@@ -217,21 +222,19 @@ class StreamedModel:
         def make_catcher(index: int) -> Callable:
             def catcher(*args, **kwargs):
                 caught.append(args[0] if args else kwargs["hidden_states"])
-                raise _StopForward
+                raise StopForward
             return catcher
 
-        with self._blocks_replaced(make_catcher):
+        with replaced_forwards(self.layers, make_catcher):
             try:
                 self.decoder(input_ids=ids.to(self.device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
         return caught[0].float()
 
     def run_block(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block `index` on a float32 hidden state, in the compute dtype; its output in float32 (differentiable)."""
         args, kwargs = self.layer_kwargs[index]
-        if self.compute_dtype != torch.float32:
-            args, kwargs = _cast_floats(args, self.compute_dtype), _cast_floats(kwargs, self.compute_dtype)
         output = layer(hidden.to(self.compute_dtype), *args, **kwargs)
         self.returns_tuple = isinstance(output, (tuple, list))
         return (output[0] if self.returns_tuple else output).float()
@@ -240,13 +243,12 @@ class StreamedModel:
         """The model's logits for the chunk `ids` given the last block's output (final norm, head and whatever the
         model applies to logits run as in its own forward)."""
         returned = (last_hidden,) if self.returns_tuple else last_hidden
-        with self._blocks_replaced(lambda index: (lambda *args, **kwargs: returned)):
+        with replaced_forwards(self.layers, lambda index: (lambda *args, **kwargs: returned)):
             return self.model(input_ids=ids.to(self.device), use_cache=False).logits
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors inside (tuples, lists, dicts of) a block's arguments in `dtype`: rotary tables the decoder
-    computed in float32 would otherwise promote the block's queries and keys back to float32."""
+    """Floating tensors inside (tuples, lists, dicts of) a block's arguments in `dtype`."""
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):

@@ -91,8 +91,7 @@ def make_plan(model: SourceModel, method: Optional[str] = None, *, type: Optiona
         return optimal_method.plan_for_target(
             model, _calibration(calibration, method), lambda candidate: planned_file_size(model, candidate),
             target_size=parse_size(target_size) if target_size is not None else None, target_bpw=target_bpw,
-            types=types, metric=metric or optimal_method.DEFAULT_METRIC, importance=importance,
-            device=resolve_device(device), progress=progress)
+            types=types, metric=metric or optimal_method.DEFAULT_METRIC, importance=importance, progress=progress)
     tier_types = TierTypes.parse(types or DEFAULT_TYPES)
     if method == "lim":
         return lim_method.lim_plan(model, _calibration(calibration, method), tier_types,

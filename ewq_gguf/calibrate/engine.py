@@ -34,7 +34,7 @@ from ..quant import CODECS, QType
 from ..source.model import SourceModel, open_checkpoint
 from .calibration import CALIBRATION_FORMAT, Calibration, Sensitivity, model_fingerprint
 from .passes import BlockPasses, chunk_alphas
-from .quant_error import DEFAULT_SAMPLE, error_table
+from .quant_error import DEFAULT_SAMPLE, error_tables
 from .runner import ModelRunner, calibration_tokens
 from .sensitivity import DEFAULT_NOISE_LEVELS, measure_sensitivities
 from .stream import StreamedModel
@@ -153,7 +153,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         seconds=seconds, imatrix=imatrix)
     if error_types:
         started = time.perf_counter()
-        add_error_tables(calibration, source, error_types, error_sample, torch_device, progress)
+        add_error_tables(calibration, source, error_types, error_sample, progress)
         seconds["errors"] = time.perf_counter() - started
     return calibration
 
@@ -174,14 +174,12 @@ def _fisher_sensitivity(traces: list[float], norms: list, tokens_per_chunk: int,
                        samples=alphas.tolist(), samples_weighted=weighted.tolist())
 
 
-def add_error_tables(calibration: Calibration, source: SourceModel, types: Sequence[QType], sample: int, device: torch.device,
+def add_error_tables(calibration: Calibration, source: SourceModel, types: Sequence[QType], sample: int,
                      progress: bool) -> None:
     """Fill calibration.errors for `types`: "plain" quantization and quantization with its own importance vectors."""
     vectors = calibration.imatrix.vectors()
-    row_weights = calibration.row_weights
     specs = [spec for spec in source.specs if spec.is_matrix and spec.name in calibration.sensitivity]
     calibration.error_sample = sample
-    calibration.errors["plain"] = error_table(source, specs, types, lambda name: None, vectors.get, sample=sample,
-                                              device=device, progress=progress, row_weights=row_weights)
-    calibration.errors["imatrix"] = error_table(source, specs, types, vectors.get, vectors.get, sample=sample,
-                                                device=device, progress=progress, row_weights=row_weights)
+    calibration.errors.update(error_tables(source, specs, types, {"plain": lambda name: None, "imatrix": vectors.get},
+                                           vectors.get, sample=sample, progress=progress,
+                                           row_weights=calibration.row_weights))

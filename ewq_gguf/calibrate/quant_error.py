@@ -13,13 +13,15 @@ tensor is smaller). 0 measures every row.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from gguf import GGMLQuantizationType as QType
 
 from ..progress import progress_bar
 from ..quant import can_hold, dequantize, quantize
+from ..quant.ggml_backend import default_threads
 from ..source.model import SourceModel, TensorSpec
 
 DEFAULT_SAMPLE = 1 << 15
@@ -42,7 +44,8 @@ def relative_errors(rows: torch.Tensor, qtype: QType, quant_importance: Optional
                     column_weights: Optional[torch.Tensor]) -> tuple[float, float]:
     """(t2, t2_weighted) of rows stored in qtype."""
     rows = rows.to(torch.float32)
-    restored = dequantize(quantize(rows, qtype, quant_importance), qtype, rows.shape[1])
+    # one encoder thread: error_tables runs several measurements at once
+    restored = dequantize(quantize(rows, qtype, quant_importance, threads=1), qtype, rows.shape[1])
     delta_columns = (restored - rows).double().pow(2).sum(0)
     weight_columns = rows.double().pow(2).sum(0)
     plain = _ratio(float(delta_columns.sum()), float(weight_columns.sum()))
@@ -74,34 +77,48 @@ def row_weighted_error(rows: torch.Tensor, qtype: QType, quant_importance: Optio
                        row_weights: torch.Tensor) -> float:
     """sum_r f_r ||(W_hat - W)_r||^2 / sum_r f_r ||W_r||^2 of rows stored in qtype."""
     rows = rows.to(torch.float32)
-    restored = dequantize(quantize(rows, qtype, quant_importance), qtype, rows.shape[1])
+    # one encoder thread: error_tables runs several measurements at once
+    restored = dequantize(quantize(rows, qtype, quant_importance, threads=1), qtype, rows.shape[1])
     weights = row_weights.to(device=rows.device, dtype=torch.float64)
     return _ratio(float((weights * (restored - rows).double().pow(2).sum(1)).sum()),
                   float((weights * rows.double().pow(2).sum(1)).sum()))
 
 
-def error_table(model: SourceModel, specs: Sequence[TensorSpec], types: Sequence[QType],
-                quant_importance: Callable[[str], Optional[torch.Tensor]],
-                column_weights: Callable[[str], Optional[torch.Tensor]], *, sample: int = DEFAULT_SAMPLE,
-                device: torch.device = torch.device("cpu"), progress: bool = True,
-                row_weights: Callable[[str], Optional[torch.Tensor]] = lambda name: None,
-                ) -> dict[str, dict[str, list[float]]]:
-    """weight name -> type name -> [t2, t2_weighted], for every type in `types` whose block size fits the row.
+def error_tables(model: SourceModel, specs: Sequence[TensorSpec], types: Sequence[QType],
+                 quant_importance: Mapping[str, Callable[[str], Optional[torch.Tensor]]],
+                 column_weights: Callable[[str], Optional[torch.Tensor]], *, sample: int = DEFAULT_SAMPLE,
+                 progress: bool = True, row_weights: Callable[[str], Optional[torch.Tensor]] = lambda name: None,
+                 threads: Optional[int] = None) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """variant -> weight name -> type name -> [t2, t2_weighted], for every type in `types` whose block size fits
+    the row; each variant quantizes with its own `quant_importance` (None for a weight: plain quantization).
 
     t2_weighted weighs input columns by `column_weights`, or, for a weight with `row_weights` (a vocabulary weight
-    of a gradient calibration), rows by them, measured on its heaviest rows."""
-    table: dict[str, dict[str, list[float]]] = {}
-    for spec in progress_bar(specs, desc="quantization errors", unit="weight", enabled=progress):
-        tensor = model.load(spec)
-        rows = sample_rows(tensor, sample).to(device=device, dtype=torch.float32)
-        importance, weights, by_row = quant_importance(spec.name), column_weights(spec.name), row_weights(spec.name)
-        fitting = [qtype for qtype in types if can_hold(qtype, spec.shape[-1])]
-        if by_row is None:
-            table[spec.name] = {qtype.name: list(relative_errors(rows, qtype, importance, weights))
-                                for qtype in fitting}
-            continue
-        heavy, heavy_weights = heaviest_rows(tensor.to(device=device, dtype=torch.float32), by_row, sample)
-        table[spec.name] = {qtype.name: [relative_errors(rows, qtype, importance, None)[0],
-                                         row_weighted_error(heavy, qtype, importance, heavy_weights)]
-                            for qtype in fitting}
-    return table
+    of a gradient calibration), rows by them, measured on its heaviest rows.
+
+    Each weight is read once for all variants. The samples are a few rows per weight, so they are encoded on the
+    CPU whatever device calibrates: a GPU spends more on launching kernels for 8 rows than encoding them costs (all
+    backends give the same bytes), and `threads` encoders (the process's CPUs by default) work on different types
+    at once instead of splitting rows that are too few to split.
+    """
+    tables: dict[str, dict[str, dict[str, list[float]]]] = {variant: {} for variant in quant_importance}
+    with ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="ewq-errors") as pool:
+        for spec in progress_bar(specs, desc="quantization errors", unit="weight", enabled=progress):
+            tensor = model.load(spec).to("cpu")
+            rows = sample_rows(tensor, sample).to(torch.float32)
+            weights, by_row = column_weights(spec.name), row_weights(spec.name)
+            heavy = None if by_row is None else heaviest_rows(tensor.to(torch.float32), by_row, sample)
+            del tensor
+            fitting = [qtype for qtype in types if can_hold(qtype, spec.shape[-1])]
+
+            def errors(qtype: QType, importance: Optional[torch.Tensor]) -> list[float]:
+                if heavy is None:
+                    return list(relative_errors(rows, qtype, importance, weights))
+                heavy_rows, heavy_weights = heavy
+                return [relative_errors(rows, qtype, importance, None)[0],
+                        row_weighted_error(heavy_rows, qtype, importance, heavy_weights)]
+
+            pending = {(variant, qtype): pool.submit(errors, qtype, importance_of(spec.name))
+                       for variant, importance_of in quant_importance.items() for qtype in fitting}
+            for (variant, qtype), done in pending.items():
+                tables[variant].setdefault(spec.name, {})[qtype.name] = done.result()
+    return tables

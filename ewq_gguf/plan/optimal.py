@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
 
 from ..calibrate import Calibration
@@ -221,7 +220,7 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
                     target_size: Optional[int] = None, target_bpw: Optional[float] = None,
                     types: Optional[str] = None, metric: str = DEFAULT_METRIC,
                     importance: Optional[ImportanceMatrix] = None,
-                    device: Optional[torch.device] = None, progress: bool = True,
+                    progress: bool = True,
                     resolution: int = DEFAULT_RESOLUTION) -> Plan:
     """The optimal plan of `model` for a whole-file size (`target_size` bytes, measured by `file_size`) or for
     `target_bpw` bits per weight of tensor data, from `calibration`.
@@ -229,7 +228,7 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
     importance: the ImportanceMatrix the file will be quantized with (None: plain quantization). Errors come from
     the calibration's tables when it holds them for this case, else they are measured now.
     """
-    from ..calibrate.quant_error import DEFAULT_SAMPLE, error_table
+    from ..calibrate.quant_error import DEFAULT_SAMPLE, error_tables
 
     calibration.check_matches(model)
     if (target_size is None) == (target_bpw is None):
@@ -250,10 +249,9 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
         quant_vectors = importance.vectors() if importance is not None else {}
         measured_types = list(dict.fromkeys(qtype for spec in specs for qtype in stored_types(candidates,
                                                                                              spec.shape[-1])))
-        errors = error_table(model, specs, measured_types, quant_vectors.get, vectors.get,
-                             sample=calibration.error_sample or DEFAULT_SAMPLE,
-                             device=device or torch.device("cpu"), progress=progress,
-                             row_weights=calibration.row_weights)
+        errors = error_tables(model, specs, measured_types, {"measured": quant_vectors.get}, vectors.get,
+                              sample=calibration.error_sample or DEFAULT_SAMPLE, progress=progress,
+                              row_weights=calibration.row_weights)["measured"]
     choices = candidate_choices(model, alphas, errors, candidates, metric)
     params = {"metric": metric, "types": [qtype.name for qtype in candidates],
               "imatrix": variant or "other", "calibration_text": calibration.text,

@@ -9,3 +9,7 @@ extras=${1:-}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+# the gguf-py of the llama.cpp tree that llama-cpp-python was built from (fetched once into the per-user cache):
+# llama.cpp's converter, which reads most architectures (ewq_gguf/source/converter.py), needs that very version
+eval "$(.venv/bin/python -m ewq_gguf.llamacpp env --fetch)"
+.venv/bin/python -m pip install -q --no-deps "$LLAMA_GGUF_PY"

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tiny_tokenizers import SPM_STYLES, make_bpe_tokenizer, make_spm_tokenizer
+from resources import dev_model
+from tiny_tokenizers import SPM_STYLES, copy_tokenizer, make_bpe_tokenizer, make_spm_tokenizer
 
 COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, rms_norm_eps=1e-5)
@@ -34,11 +35,37 @@ TINY: dict[str, tuple[str, dict[str, Any], str]] = {
     "MistralForCausalLM": ("mistral", dict(sliding_window=None, tie_word_embeddings=False), "llama2"),
     "Qwen2ForCausalLM": ("qwen2", dict(tie_word_embeddings=False), "qwen2"),
     # head_dim 128 differs from hidden/heads = 64; tied embeddings as in the small Qwen3 models
-    "Qwen3ForCausalLM": ("qwen3", dict(head_dim=128, tie_word_embeddings=True), "qwen2"),
+    "Qwen3ForCausalLM": ("qwen3", dict(head_dim=128, tie_word_embeddings=False), "qwen2"),
     "GemmaForCausalLM": ("gemma", dict(head_dim=128), "gemma"),
     "Gemma2ForCausalLM": ("gemma2", GEMMA2_EXTRAS, "gemma"),
     "Gemma3ForCausalLM": ("gemma3_text", GEMMA3_EXTRAS, "gemma"),
     "Phi3ForCausalLM": ("phi3", dict(pad_token_id=None, sliding_window=None, tie_word_embeddings=False), "llama2"),
+}
+
+# Architectures that convert through llama.cpp's converter (ewq_gguf/source/converter.py), small but with the features
+# that make each one itself: experts routed top-k (shared experts, routers with biases), QK norms, Granite's
+# multipliers, gpt-oss's attention sinks and sliding window. Most take the development model's tokenizer (SmolLM2's):
+# the converter recognises a BPE pre-tokenizer only by the token ids a known tokenizer gives (get_vocab_base_pre), so
+# a vocabulary trained here is unknown to it, as it is to convert_hf_to_gguf.py.
+CONVERTED: dict[str, tuple[str, dict[str, Any], str]] = {
+    "MixtralForCausalLM": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                           tie_word_embeddings=False), "llama2"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                              shared_expert_intermediate_size=512, tie_word_embeddings=False),
+                            "devmodel"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                              head_dim=64, norm_topk_prob=True, tie_word_embeddings=False), "devmodel"),
+    "OlmoeForCausalLM": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4,
+                                       tie_word_embeddings=False), "devmodel"),
+    # plain rope: with gpt-oss's YaRN, llama.cpp's logits and transformers' differ by 2e-3 (relative), with
+    # convert_hf_to_gguf.py's file as with ours: the two implementations of YaRN, not the conversion
+    "GptOssForCausalLM": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=64, sliding_window=8,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+                                          tie_word_embeddings=False), "devmodel"),
+    "Olmo2ForCausalLM": ("olmo2", dict(tie_word_embeddings=False), "devmodel"),
+    "GraniteForCausalLM": ("granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                           attention_multiplier=0.1, logits_scaling=4.0, tie_word_embeddings=False),
+                           "llama2"),
 }
 
 # Special tokens an architecture's real tokenizers have beyond their tokenizer style. llama.cpp's vocabulary loader
@@ -51,10 +78,12 @@ ADDED_SPECIAL_TOKENS: dict[str, list[str]] = {
 def make_tiny_model(out_dir: Path, architecture: str = "LlamaForCausalLM", *, dtype: torch.dtype = torch.float32,
                     seed: int = 0, max_shard_size: Optional[str] = None, **overrides: Any) -> Path:
     """Write a tiny random checkpoint of `architecture` into out_dir; returns out_dir."""
-    model_type, arch_overrides, tokenizer_style = TINY[architecture]
+    model_type, arch_overrides, tokenizer_style = {**TINY, **CONVERTED}[architecture]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer_style in SPM_STYLES:
+    if tokenizer_style == "devmodel":
+        tokenizer = copy_tokenizer(dev_model("smollm2"), out_dir)
+    elif tokenizer_style in SPM_STYLES:
         tokenizer = make_spm_tokenizer(out_dir, style=tokenizer_style)
     else:
         tokenizer = make_bpe_tokenizer(out_dir, style=tokenizer_style)

@@ -14,6 +14,7 @@ vocabularies. Training is deterministic, so the same style always gives the same
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import sentencepiece
@@ -201,6 +202,16 @@ def make_spm_tokenizer(directory: Path, style: str = "llama2", vocab_size: int =
     saved_config.update({name: config[name] for name in kept if name in config})
     (directory / "tokenizer_config.json").write_text(json.dumps(saved_config, indent=2), encoding="utf-8")
     _write_special_tokens_map(directory, config)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def copy_tokenizer(model_dir: Path, directory: Path) -> PreTrainedTokenizerBase:
+    """A real model's tokenizer files copied into `directory`, loaded from there."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in Path(model_dir).iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template")):
+            shutil.copyfile(path, directory / path.name)
     return AutoTokenizer.from_pretrained(directory)
 
 

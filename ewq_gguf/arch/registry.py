@@ -27,6 +27,12 @@ def supported_architectures() -> list[str]:
     return sorted(BY_HF_NAME)
 
 
+def has_adapter(config: dict[str, Any]) -> bool:
+    """Whether one of our adapters reads this config.json (else llama.cpp's converter does: source/converter.py)."""
+    names = config.get("architectures")
+    return isinstance(names, list) and any(name in BY_HF_NAME for name in names if isinstance(name, str))
+
+
 def adapter_for(config: dict[str, Any]) -> Adapter:
     """The adapter for a checkpoint's config.json, or UnsupportedArchitectureError listing what is supported."""
     names = config.get("architectures") or []

@@ -25,7 +25,7 @@ import torch
 from ..arch.registry import adapter_for
 from ..errors import InputError
 from .checkpoint import TORCH_DTYPE_NAMES
-from .model import SourceModel, check_config, config_errors, specs_from_records
+from .model import SourceModel, TensorSpec, check_config, config_errors, specs_from_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -75,8 +75,8 @@ def open_live(model: Any, tokenizer: Optional[PreTrainedTokenizerBase | str | Pa
     specs, extra = specs_from_records(adapter, records)
     generation = generation_config(base)
 
-    def load_source(hf_name: str) -> torch.Tensor:
-        return tensors[hf_name].load()
+    def load_source(spec: TensorSpec) -> torch.Tensor:
+        return tensors[spec.source].load()
 
     def add_tokenizer(writer: gguf.GGUFWriter) -> None:
         from ..tokenizer import add_tokenizer as add_folder_tokenizer, add_tokenizer_from_hf

@@ -16,7 +16,7 @@ import gguf
 import torch
 
 from ..arch.base import Adapter
-from ..arch.registry import adapter_for
+from ..arch.registry import adapter_for, has_adapter
 from ..errors import InputError
 from .checkpoint import Checkpoint
 from .safetensors_header import FLOAT_DTYPES
@@ -49,6 +49,7 @@ class TensorSpec:
     shape: tuple[int, ...]    # numpy order: the last dimension is the row (GGUF ne[0])
     source: str               # checkpoint tensor name, or "computed"
     source_dtype: str         # F32 / F16 / BF16 of the stored data
+    keeps_float: bool = False  # llama.cpp stores it in F32 in every file type (a MoE router, a convolution)
 
     @property
     def block(self) -> Optional[int]:
@@ -61,15 +62,16 @@ class TensorSpec:
 
     @property
     def is_matrix(self) -> bool:
-        """2-D weights get the planned type; 1-D tensors (norms, biases) stay F32 as llama.cpp expects."""
-        return len(self.shape) >= 2
+        """Weights of 2 or more dimensions get the planned type; 1-D tensors (norms, biases) and those llama.cpp
+        keeps in float stay F32 as llama.cpp expects."""
+        return len(self.shape) >= 2 and not self.keeps_float
 
 
 class SourceModel:
     """A model to convert: config, adapter, specs in output order, and tensor loading (transform applied)."""
 
     def __init__(self, config: dict[str, Any], adapter: Adapter, specs: list[TensorSpec],
-                 load_source: Callable[[str], torch.Tensor], extra: dict[str, Callable[[], torch.Tensor]],
+                 load_source: Callable[[TensorSpec], torch.Tensor], extra: dict[str, Callable[[], torch.Tensor]],
                  add_tokenizer: Callable[[gguf.GGUFWriter], None], name: str):
         self.config = config
         self.adapter = adapter
@@ -89,7 +91,7 @@ class SourceModel:
         with config_errors():
             if spec.source == "computed":
                 return self._extra[spec.name]()
-            return self.adapter.transform(spec.name, self._load_source(spec.source))
+            return self.adapter.transform(spec.name, self._load_source(spec))
 
     def add_metadata(self, writer: gguf.GGUFWriter) -> None:
         writer.add_name(self.name)
@@ -210,6 +212,10 @@ def open_checkpoint(model_dir: str | Path, *, allow_pickle: bool = False) -> Sou
     from ..tokenizer import add_tokenizer
 
     checkpoint = Checkpoint(model_dir, allow_pickle=allow_pickle)
+    if not has_adapter(checkpoint.config):
+        from .converter import open_converted
+
+        return open_converted(checkpoint)
     check_config(checkpoint.config)
     with config_errors():
         adapter = adapter_for(checkpoint.config)
@@ -220,5 +226,5 @@ def open_checkpoint(model_dir: str | Path, *, allow_pickle: bool = False) -> Sou
     def tokenizer(writer: gguf.GGUFWriter) -> None:
         add_tokenizer(writer, model_dir, checkpoint.config)
 
-    return SourceModel(checkpoint.config, adapter, specs, checkpoint.load, extra, tokenizer,
-                       name=model_dir.resolve().name)
+    return SourceModel(checkpoint.config, adapter, specs, lambda spec: checkpoint.load(spec.source), extra,
+                       tokenizer, name=model_dir.resolve().name)

@@ -42,9 +42,7 @@ def calibration_for(model_name: str, folder: Path, tokens: int) -> Path:
         print(f"calibrating {model_name} on {tokens} tokens ...", flush=True)
         calibration = calibrate(dev_model(model_name), tokens=tokens, ctx=512, sensitivity_tokens=min(tokens, 1024),
                                 device="cpu", progress=False)
-        partial = path.with_name(f"partial-{path.name}")
-        calibration.save(partial)
-        partial.replace(path)
+        calibration.save(path)     # the JSON appears last, once whole
     return path
 
 

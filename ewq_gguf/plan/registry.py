@@ -38,13 +38,15 @@ class PlanContext:
 
 @dataclass(frozen=True)
 class Planner:
+    """One planning method, as its module registered it."""
+
     name: str
     help: str
-    options: type                                             # a dataclass of option() fields
+    options_class: type                                       # a dataclass of option() fields
     make: Callable[[SourceModel, Any, PlanContext], Plan]
 
     def option_fields(self) -> tuple[dataclasses.Field, ...]:
-        return dataclasses.fields(self.options)
+        return dataclasses.fields(self.options_class)
 
     def takes(self, option_name: str) -> bool:
         return any(field.name == option_name for field in self.option_fields())
@@ -56,7 +58,11 @@ class Planner:
         if stray:
             flags = ", ".join("--" + name.replace("_", "-") for name in stray)
             raise InputError(f"{flags}: not used by --method {self.name}")
-        return self.options(**given)
+        return self.options_class(**given)
+
+
+# name -> Planner, filled as the planner modules are imported (planners() imports them all)
+_TABLE: dict[str, Planner] = {}
 
 
 def option(default: Any, help: str, *, value_type: type = str, choices: Sequence[str] = (), file: bool = False,
@@ -70,20 +76,18 @@ def option(default: Any, help: str, *, value_type: type = str, choices: Sequence
         "help": help, "value_type": value_type, "choices": tuple(choices), "file": file, "default_text": default_text})
 
 
-def register_planner(name: str, options: type, help: str) -> Callable[[Callable], Callable]:
-    """Decorator of a planner module's make(model, options, context) -> Plan: enters it in the table as `name`."""
-    if not dataclasses.is_dataclass(options):
-        raise TypeError(f"planner {name}: options must be a dataclass, not {options!r}")
+def register_planner(name: str, options_class: type, help: str) -> Callable[[Callable], Callable]:
+    """Decorator of a planner module's make(model, options, context) -> Plan: enters it in the table as `name`, with
+    its options dataclass and one line of help."""
+    if not dataclasses.is_dataclass(options_class):
+        raise TypeError(f"planner {name}: the options must be a dataclass, not {options_class!r}")
 
     def enter(make: Callable) -> Callable:
         if name in _TABLE:
             raise ValueError(f"two planners are named {name!r}: {_TABLE[name].make.__module__} and {make.__module__}")
-        _TABLE[name] = Planner(name, help, options, make)
+        _TABLE[name] = Planner(name, help, options_class, make)
         return make
     return enter
-
-
-_TABLE: dict[str, Planner] = {}
 
 
 @functools.cache

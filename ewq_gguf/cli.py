@@ -173,7 +173,7 @@ def analyze(model_dir: str, entropy: str, k: float, direction: str, types: str, 
     """Per-block weight entropy and ZD of the checkpoint in MODEL_DIR, with the EWQ tier each block would get (the
     z-score and tier columns rank by --entropy; both entropies are computed and saved)."""
     from .analyse.report import format_analysis, plot_analysis
-    from .api import analyze as analyze_api
+    from .live_api import analyze as analyze_api
     from .plan.ewq import ewq_tiers, z_scores
     from .plan.tiers import TierTypes
 

@@ -1,11 +1,12 @@
 """Command line: click parses, the API works, this module prints. Errors become one line and a non-zero exit."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import click
 
@@ -33,42 +34,77 @@ def main() -> None:
     """ewq-gguf: Hugging Face checkpoints to mixed-precision GGUF files for llama.cpp and Ollama."""
 
 
-_ENTROPY_HELP = "Entropy EWQ ranks blocks by: softmax (nats) or 128-bin histogram (bits). [default: softmax]"
-_DIRECTION_HELP = ("Which end of the block score goes to the LOW type. [default: low-first for ewq (EWQ's: low "
-                   "entropy -> low precision), high-first for zd (highest ZD LOW)]")
-_TYPES_HELP = "Tier types LOW,MID,HIGH. [default: Q4_K,Q8_0,F16]"
-_K_HELP = "EWQ: blocks below mean - k*std of entropy go LOW, below the mean MID, the rest HIGH. [default: 0.65]"
+class PlannerOptionsCommand(click.Command):
+    """A command whose first options are made from the planner table (ewq_gguf.plan.registry) when the command is
+    run or its help shown, not when this module is imported: the planners import torch, which `ewq-gguf inspect`
+    and `perplexity` never load."""
+
+    def __init__(self, *args: Any, planner_options: Callable[[], list[click.Option]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._planner_options: Optional[Callable[[], list[click.Option]]] = planner_options
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._planner_options is not None:
+            self.params[:0] = self._planner_options()
+            self._planner_options = None
+        return super().get_params(ctx)
 
 
-@main.command()
+def _flag_type(option_field: dataclasses.Field) -> Any:
+    """The click type of a planner option, from its option() metadata."""
+    metadata = option_field.metadata
+    if metadata["choices"]:
+        return click.Choice(metadata["choices"])
+    if metadata["file"]:
+        return click.Path(dir_okay=False)
+    return metadata["value_type"]
+
+
+def _default_text(option_field: dataclasses.Field) -> Optional[str]:
+    default = option_field.default
+    return option_field.metadata["default_text"] if default is None else str(default)
+
+
+def convert_planner_options() -> list[click.Option]:
+    """--method and every planner's options. A flag several methods take has one help that names, per method, what
+    it means there and its default; its value is None unless given, and the API refuses it for a method that does
+    not take it."""
+    from .plan.registry import DEFAULT_METHOD, TYPE_ONLY_METHOD, planners
+
+    table = planners()
+    method_help = "; ".join(f"{name}: {planner.help}" for name, planner in table.items())
+    flags = [click.Option(["--method"], type=click.Choice(list(table)),
+                          help=f"How types are decided. {method_help}. [default: {DEFAULT_METHOD}; "
+                               f"{TYPE_ONLY_METHOD} when --type is given]")]
+    uses: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name, planner in table.items():
+        for option_field in planner.option_fields():
+            uses.setdefault(option_field.name, []).append((name, option_field))
+    for option_name, taken_by in uses.items():
+        meanings: dict[tuple[str, Optional[str]], list[str]] = {}
+        for method, option_field in taken_by:
+            meanings.setdefault((option_field.metadata["help"], _default_text(option_field)), []).append(method)
+        help_text = "; ".join(f"{', '.join(methods)}: {meaning}" + (f" [default: {default}]" if default else "")
+                             for (meaning, default), methods in meanings.items())
+        flags.append(click.Option(["--" + option_name.replace("_", "-"), option_name],
+                                  type=_flag_type(taken_by[0][1]), help=help_text))
+    return flags
+
+
+def ewq_settings(*names: str) -> Callable[[], list[click.Option]]:
+    """Flags for the EWQ settings `names` with EWQ's defaults, for the commands that rank blocks as EWQ does."""
+    def flags() -> list[click.Option]:
+        from .plan.ewq import EwqOptions
+
+        return [click.Option(["--" + option_field.name], type=_flag_type(option_field), default=option_field.default,
+                             show_default=True, help=option_field.metadata["help"])
+                for option_field in dataclasses.fields(EwqOptions) if option_field.name in names]
+    return flags
+
+
+@main.command(cls=PlannerOptionsCommand, planner_options=convert_planner_options)
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--method", type=click.Choice(["ewq", "fastewq", "zd", "lim", "optimal", "uniform"]),
-              help="How types are decided: ewq (entropy tiers, reads the weights), fastewq (tiers predicted from "
-                   "metadata only), zd (least important fraction of blocks LOW by ZD score), uniform. "
-                   "[default: ewq; uniform when --type is given]")
-@click.option("--type", "type_", help="Type of every 2-D weight for --method uniform. [default: Q8_0]")
-@click.option("--types", help=_TYPES_HELP)
-@click.option("--k", type=float, help=_K_HELP)
-@click.option("--fraction", type=float, help="ZD: fraction of blocks moved to the LOW type, the rest MID. "
-                                             "[default: 0.25]")
-@click.option("--entropy", type=click.Choice(["softmax", "histogram"]), help=_ENTROPY_HELP)
-@click.option("--direction", type=click.Choice(["low-first", "high-first"]), help=_DIRECTION_HELP)
-@click.option("--embed-type", help="Type of the token embedding (also the output head of tied models). "
-                                   "[default: Q8_0]")
-@click.option("--output-type", help="Type of the output head. [default: Q8_0]")
-@click.option("--analysis", "analysis_file", type=click.Path(dir_okay=False),
-              help="ewq/zd: reuse an analysis JSON from `ewq-gguf analyze --json` instead of reading the weights.")
-@click.option("--classifier", type=click.Path(dir_okay=False),
-              help="fastewq: a classifier from `ewq-gguf fastewq train`. [default: the one shipped]")
-@click.option("--calibration", type=click.Path(dir_okay=False),
-              help="lim/optimal: a calibration JSON from `ewq-gguf calibrate`. [default: calibrate now on the default "
-                   "text]")
-@click.option("--target-size", help="optimal: the whole output file at most this size, e.g. 100MB (K/M/G, decimal).")
-@click.option("--target-bpw", type=float, help="optimal: at most this many bits per weight of tensor data.")
-@click.option("--metric", type=click.Choice(["weighted", "plain"]),
-              help="optimal: relative error with input columns weighted by their activations, or plain. "
-                   "[default: weighted]")
 @click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False),
               help="Importance-weighted quantization (any method) with the vectors of a calibration JSON or of a "
                    "llama-imatrix file (GGUF or legacy .dat); 'unit': equal importance for every column, no data "
@@ -95,27 +131,21 @@ _K_HELP = "EWQ: blocks below mean - k*std of entropy go LOW, below the mean MID,
               help="--validate: evaluation text (default: real text found on this machine).")
 @click.option("--ollama-modelfile", is_flag=True, help="Write an Ollama Modelfile beside OUT.")
 @reports_errors
-def convert(model_dir: str, out: str, method: str | None, type_: str | None, types: str | None, k: float | None,
-            fraction: float | None, entropy: str | None, direction: str | None, embed_type: str | None,
-            output_type: str | None, analysis_file: str | None, classifier: str | None, calibration: str | None,
-            target_size: str | None, target_bpw: float | None, metric: str | None, imatrix_file: str | None,
-            device: str, plan_file: str | None, plan_out: str | None, dry_run: bool, force: bool,
-            split_max_size: str | None, allow_pickle: bool, quiet: bool, validate: bool, base_file: str | None,
-            eval_text: str | None, ollama_modelfile: bool) -> None:
+def convert(model_dir: str, out: str, imatrix_file: str | None, device: str, plan_file: str | None,
+            plan_out: str | None, dry_run: bool, force: bool, split_max_size: str | None, allow_pickle: bool,
+            quiet: bool, validate: bool, base_file: str | None, eval_text: str | None, ollama_modelfile: bool,
+            method: str | None, **planner_options: Any) -> None:
     """Convert the checkpoint in MODEL_DIR to the GGUF file OUT."""
     from .api import convert as convert_api
+    from .plan.display import format_plan
 
-    given = {"types": types, "k": k, "fraction": fraction, "entropy": entropy, "direction": direction,
-             "embed_type": embed_type, "output_type": output_type, "analysis": analysis_file,
-             "classifier": classifier, "calibration": calibration, "target_size": target_size,
-             "target_bpw": target_bpw, "metric": metric}
-    result = convert_api(model_dir, out, method, type=type_, device=device, force=force, plan=plan_file,
+    result = convert_api(model_dir, out, method, device=device, force=force, plan=plan_file,
                          validate=validate, base=base_file, text=eval_text, ollama_modelfile=ollama_modelfile,
                          plan_out=plan_out, dry_run=dry_run, progress=not quiet, allow_pickle=allow_pickle,
                          split_max_size=split_max_size, imatrix=imatrix_file,
-                         **{key: value for key, value in given.items() if value is not None})
+                         **{name: value for name, value in planner_options.items() if value is not None})
     if not quiet or dry_run:
-        click.echo(result.plan.table())
+        click.echo(format_plan(result.plan))
     if dry_run:
         click.echo(f"dry run: would write {result.bytes:,} bytes ({result.plan.tensor_bytes:,} of tensor data, "
                    f"{result.bits_per_weight:.3f} bits per weight)")
@@ -130,14 +160,8 @@ def convert(model_dir: str, out: str, method: str | None, type_: str | None, typ
         click.echo(f"Ollama Modelfile: {result.modelfile} (ollama create NAME -f {result.modelfile})")
 
 
-@main.command()
+@main.command(cls=PlannerOptionsCommand, planner_options=ewq_settings("entropy", "k", "direction", "types"))
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--entropy", type=click.Choice(["softmax", "histogram"]), default="softmax", show_default=True,
-              help="Entropy the z-score and tier columns rank by (both are computed and saved).")
-@click.option("--k", type=float, default=0.65, show_default=True, help=_K_HELP)
-@click.option("--direction", type=click.Choice(["low-first", "high-first"]), default="low-first",
-              show_default=True, help="Which end of the entropy goes to the LOW tier.")
-@click.option("--types", default="Q4_K,Q8_0,F16", show_default=True, help="Tier types LOW,MID,HIGH.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Save the analysis as JSON (for convert --analysis and fastewq train).")
@@ -146,9 +170,10 @@ def convert(model_dir: str, out: str, method: str | None, type_: str | None, typ
 @reports_errors
 def analyze(model_dir: str, entropy: str, k: float, direction: str, types: str, device: str, json_out: str | None,
             plot: str | None, quiet: bool) -> None:
-    """Per-block weight entropy and ZD of the checkpoint in MODEL_DIR, with the EWQ tier each block would get."""
+    """Per-block weight entropy and ZD of the checkpoint in MODEL_DIR, with the EWQ tier each block would get (the
+    z-score and tier columns rank by --entropy; both entropies are computed and saved)."""
     from .analyse.report import format_analysis, plot_analysis
-    from .api import analyze as analyze_api
+    from .live_api import analyze as analyze_api
     from .plan.ewq import ewq_tiers, z_scores
     from .plan.tiers import TierTypes
 
@@ -234,17 +259,13 @@ def fastewq() -> None:
     """FastEWQ: predict EWQ's block tiers from metadata only."""
 
 
-@fastewq.command("train")
+@fastewq.command("train", cls=PlannerOptionsCommand, planner_options=ewq_settings("entropy", "k", "direction"))
 @click.argument("analyses", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to save the classifier JSON.")
-@click.option("--entropy", type=click.Choice(["softmax", "histogram"]), default="softmax", show_default=True,
-              help="Entropy of the EWQ tiers it learns.")
-@click.option("--k", type=float, default=0.65, show_default=True, help="k of the EWQ tiers it learns.")
-@click.option("--direction", type=click.Choice(["low-first", "high-first"]), default="low-first",
-              show_default=True, help="Direction of the EWQ tiers it learns.")
 @reports_errors
 def fastewq_train(analyses: tuple[str, ...], out: str, entropy: str, k: float, direction: str) -> None:
-    """Train a FastEWQ classifier on ANALYSES (JSON files from `ewq-gguf analyze --json`)."""
+    """Train a FastEWQ classifier on ANALYSES (JSON files from `ewq-gguf analyze --json`) to predict the EWQ tiers of
+    --entropy, --k and --direction."""
     from .analyse import Analysis
     from .plan.fastewq import format_evaluation, train
 

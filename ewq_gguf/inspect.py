@@ -11,6 +11,7 @@ import gguf
 
 from .errors import InputError
 from .plan import Plan
+from .plan.display import format_plan
 
 
 def field_value(reader: gguf.GGUFReader, key: str) -> Any:
@@ -62,7 +63,7 @@ def format_inspection(summary: dict[str, Any]) -> str:
     for key, value in summary["metadata"].items():
         lines.append(f"  {key} = {value}")
     if summary["plan"]:
-        lines.append(Plan.from_dict(summary["plan"]).table())
+        lines.append(format_plan(Plan.from_dict(summary["plan"])))
     else:
         lines.append("no ewq plan recorded (not written by ewq-gguf)")
     return "\n".join(lines)

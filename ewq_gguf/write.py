@@ -82,13 +82,13 @@ def parse_size(size: int | str) -> int:
 
 def file_type_of(plan: Plan) -> gguf.LlamaFileType:
     """general.file_type: the type holding most of the 2-D weights' parameters (llama.cpp's label for a mix)."""
-    weights: dict[str, int] = {}
+    weights: dict[QType, int] = {}
     for entry in plan.entries:
         if len(entry.shape) >= 2:
             weights[entry.requested] = weights.get(entry.requested, 0) + entry.numel
     if not weights:
         return gguf.LlamaFileType.ALL_F32
-    return FILE_TYPES[QType[max(weights, key=weights.get)]]
+    return FILE_TYPES[max(weights, key=weights.get)]
 
 
 def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan) -> None:
@@ -196,7 +196,7 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     model.add_metadata(writer)
     add_plan_metadata(writer, plan)
     for entry in plan.entries:
-        writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=QType[entry.type])
+        writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=entry.type)
     if len(writer.tensors) == 1:
         writer.split_max_size = 0   # fits in one file; gguf-py would log a warning about not splitting
     finals, temps = writer.final_paths(), writer.format_shard_names(out)
@@ -310,10 +310,11 @@ def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
                     return
                 with times.measure("read"):
                     tensor = model.load(model.by_name[entry.name])
-                if list(tensor.shape) != entry.shape:
-                    raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says {entry.shape}")
+                if tuple(tensor.shape) != entry.shape:
+                    raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says "
+                                     f"{list(entry.shape)}")
                 with times.measure("quantize"):
-                    encoded = encode_tensor(tensor, QType[entry.type], entry.name, device, importance.get(entry.name))
+                    encoded = encode_tensor(tensor, entry.type, entry.name, device, importance.get(entry.name))
                 del tensor      # the source is not kept while waiting for the queue
                 results.put(encoded)
             results.put(None)
@@ -370,7 +371,7 @@ def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
                 raise OutputError(f"the written files hold tensor '{tensor.name}' twice")
             found[tensor.name] = (tensor.type_name, tensor.n_bytes)
     for entry in plan.entries:
-        if found.get(entry.name) != (entry.type, entry.nbytes):
+        if found.get(entry.name) != (entry.type.name, entry.nbytes):
             raise OutputError(f"the written file does not match the plan at tensor '{entry.name}'")
     if len(found) != len(plan.entries):
         raise OutputError("the written file holds tensors the plan does not name")

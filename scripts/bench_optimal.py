@@ -197,7 +197,7 @@ def type_counts(rows: list[Row], plans: list[Plan]) -> str:
     n_matrices = None
     for row, plan in zip(rows, plans):
         if row.mix:
-            stored = Counter(entry.type for entry in plan.entries if len(entry.shape) > 1)
+            stored = Counter(entry.type.name for entry in plan.entries if len(entry.shape) > 1)
             n_matrices = sum(stored.values())
             extra = {name: stored[name] for name in EXTRA_TYPES if stored[name]}
             by_type = ", ".join(f"{name} {count}" for name, count in extra.items())

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ewq_gguf
+from ewq_gguf.plan.display import format_plan_summary
 
 model_dir = sys.argv[1] if len(sys.argv) > 1 else "HuggingFaceTB/SmolLM2-135M"
 out = sys.argv[2] if len(sys.argv) > 2 else "finetuned.gguf"
@@ -34,4 +35,4 @@ model.eval()
 result = ewq_gguf.export(model, tokenizer, out, method="ewq", force=True)
 print(f"wrote {result.path}: {result.bytes:,} bytes, {result.bits_per_weight:.2f} bits per weight, "
       f"{result.seconds:.1f} s")
-print(result.plan.summary())
+print(format_plan_summary(result.plan))

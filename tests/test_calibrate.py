@@ -17,6 +17,7 @@ from ewq_gguf.calibrate.runner import ModelRunner, calibration_tokens
 from ewq_gguf.calibrate.sensitivity import measure_sensitivities, slope_through_origin
 from ewq_gguf.errors import InputError
 from ewq_gguf.imatrix import ImportanceMatrix
+from ewq_gguf.plan.display import format_plan_summary
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint
 from tiny_models import make_tiny_model
@@ -221,7 +222,7 @@ def test_optimal_plan_fits_the_file_size_and_records_predictions(calibration, ti
     # the calibration's sequences give the prediction an interval (bootstrap), around the prediction itself
     low, high = result.plan.params["predicted_kld_90"]
     assert 0 < low < result.plan.params["predicted_kld"] < high
-    assert "90% over calibration sequences" in result.plan.summary()
+    assert "90% over calibration sequences" in format_plan_summary(result.plan)
 
 
 def test_bootstrap_interval_of_a_plan():
@@ -251,7 +252,7 @@ def test_lim_plan_moves_the_least_changing_blocks_low(identity_block_model, text
                        device="cpu", progress=False)
     converted = convert(identity_block_model, tmp_path / "lim.gguf", "lim", calibration=result, fraction=0.5,
                         types="Q4_0,Q8_0,F16", progress=False)
-    types = {entry.name: entry.type for entry in converted.plan.entries}
+    types = {entry.name: entry.type.name for entry in converted.plan.entries}
     assert types["blk.1.attn_q.weight"] == "Q4_0"      # the identity block is least important
     assert types["blk.0.attn_q.weight"] == "Q8_0"
 

@@ -62,7 +62,7 @@ def test_optimal_plan_of_a_model_with_an_all_zero_weight(zero_weight_model, shor
                      progress=False)
     assert math.isfinite(plan.params["predicted_kld"])
     assert planned_file_size(model, plan) <= target
-    assert plan.by_name()["blk.1.ffn_down.weight"].type == "Q4_K"     # no error: the smallest type
+    assert plan.by_name()["blk.1.ffn_down.weight"].type == QType.Q4_K     # no error: the smallest type
 
 
 def test_a_text_shorter_than_asked_for_warns_and_records_the_real_count(tiny_llama, short_text, tmp_path):

@@ -23,6 +23,7 @@ from ewq_gguf.plan.fastewq import FEATURES, Classifier, block_features, train
 from ewq_gguf.plan.plan import recipe_pattern
 from ewq_gguf.plan.tiers import TierTypes
 from ewq_gguf.plan.zd import least_important_first, zd_low_count
+from ewq_gguf.quant import QType
 from ewq_gguf.source.checkpoint import Checkpoint
 from ewq_gguf.source.model import SourceModel, open_checkpoint
 
@@ -84,7 +85,7 @@ def block_types(plan: Plan) -> dict[int, set[str]]:
     types: dict[int, set[str]] = {}
     for entry in plan.entries:
         if entry.block is not None and len(entry.shape) >= 2:
-            types.setdefault(entry.block, set()).add(entry.requested)
+            types.setdefault(entry.block, set()).add(entry.requested.name)
     return types
 
 
@@ -94,9 +95,9 @@ def test_ewq_plan_types_and_blocks(tiny_model):
                      embed_type="Q6_K", output_type="F16")
     assert block_types(plan) == {0: {"Q8_0"}, 1: {"Q4_0"}}
     entries = plan.by_name()
-    assert entries["token_embd.weight"].requested == "Q6_K"
-    assert entries["output.weight"].requested == "F16"
-    assert entries["blk.0.attn_norm.weight"].type == "F32"
+    assert entries["token_embd.weight"].requested == QType.Q6_K
+    assert entries["output.weight"].requested == QType.F16
+    assert entries["blk.0.attn_norm.weight"].type == QType.F32
     assert [(b["block"], b["tier"], b["type"], b["score"]) for b in plan.blocks] == [
         (0, "HIGH", "Q8_0", 5.0), (1, "LOW", "Q4_0", 4.0)]
     assert plan.params["entropy"] == "histogram" and plan.params["mu"] == 4.5 and plan.params["sigma"] == 0.5
@@ -150,7 +151,7 @@ def test_ewq_convert_records_plan_in_gguf(tiny_llama, tmp_path):
     for block in recorded["blocks"]:
         assert f"{block['score']:.10g}" in text and block["why"] in text
     reused = convert(tiny_llama, tmp_path / "again.gguf", plan=out, dry_run=True, progress=False)
-    assert {e.name: e.type for e in reused.plan.entries} == written
+    assert {e.name: e.type.name for e in reused.plan.entries} == written
 
 
 def test_dry_run_size_is_exact(tiny_llama, tmp_path):
@@ -180,7 +181,7 @@ def test_recipe_names_each_tensor_exactly(tiny_model):
     order = [entry.name for entry in matrices]
     assert order.index("output.weight") < order.index("blk.0.attn_output.weight")
     assert plan.by_name()["output.weight"].type != plan.by_name()["blk.0.attn_output.weight"].type
-    assert recipe_types(recipe, order) == {entry.name: entry.type for entry in matrices}
+    assert recipe_types(recipe, order) == {entry.name: entry.type.name for entry in matrices}
     assert len(recipe.split()) == len(matrices)          # 1-D tensors are not listed
     assert recipe_pattern("blk.0.attn_q.weight") == r"^blk\.0\.attn_q\.weight$"
     assert re.fullmatch(recipe_pattern("a+b(c)[d]{e}|f?g*h^i$j\\k"), "a+b(c)[d]{e}|f?g*h^i$j\\k")

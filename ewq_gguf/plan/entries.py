@@ -15,5 +15,5 @@ def entry_for(spec: TensorSpec, requested: QType, reason: str) -> PlanEntry:
     if not spec.is_matrix:
         requested, reason = VECTOR_TYPE, "1-D tensors stay F32"
     effective = effective_type(requested, spec.shape[-1])
-    return PlanEntry(name=spec.name, shape=list(spec.shape), requested=requested.name, type=effective.name,
+    return PlanEntry(name=spec.name, shape=tuple(spec.shape), requested=requested, type=effective,
                      nbytes=tensor_nbytes(effective, spec.shape), block=spec.block, reason=reason)

@@ -10,6 +10,8 @@ Measurements on our development models (docs/results.md) found the better direct
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,8 +19,10 @@ import numpy as np
 from ..analyse import ENTROPY_STATISTICS, Analysis
 from ..errors import InputError
 from ..source.model import SourceModel
+from .inputs import analysis_for, analysis_option
 from .plan import Plan
-from .tiers import TierTypes, check_direction, tiered_plan
+from .registry import PlanContext, option, register_planner
+from .tiers import DIRECTIONS, TierOptions, TierTypes, check_direction, tiered_plan
 
 DEFAULT_K = 0.65
 DEFAULT_ENTROPY = "softmax"
@@ -66,3 +70,23 @@ def ewq_plan(model: SourceModel, analysis: Analysis, types: TierTypes, *, k: flo
     params = {"entropy": entropy, "k": k, "direction": direction, "mu": float(scores.mean()),
               "sigma": float(scores.std()), "analysis_device": analysis.device}
     return tiered_plan(model, "ewq", params, blocks, types, embed_type, output_type)
+
+
+@dataclass(frozen=True)
+class EwqOptions(TierOptions):
+    k: float = option(DEFAULT_K, "Blocks below mean - k*std of entropy go LOW, below the mean MID, the rest HIGH.",
+                      value_type=float)
+    entropy: str = option(DEFAULT_ENTROPY, "Entropy blocks are ranked by: softmax (nats) or 128-bin histogram "
+                                           "(bits).", choices=ENTROPY_STATISTICS)
+    direction: str = option(DEFAULT_DIRECTION, "Which end of the entropy goes to the LOW type (low-first: EWQ's, low "
+                                               "entropy -> low precision).", choices=DIRECTIONS)
+    analysis: Optional[Analysis | str | Path] = analysis_option()
+
+
+@register_planner("ewq", EwqOptions, help="entropy tiers: each block's weight entropy against the others' (reads the "
+                                          "weights)")
+def make(model: SourceModel, options: EwqOptions, context: PlanContext) -> Plan:
+    types = TierTypes.parse(options.types)    # before the analysis: a mistyped type fails at once
+    return ewq_plan(model, analysis_for(model, options.analysis, context), types, k=options.k,
+                    entropy=options.entropy, direction=options.direction, embed_type=options.embed_type,
+                    output_type=options.output_type)

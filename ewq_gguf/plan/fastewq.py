@@ -16,13 +16,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..analyse import Analysis
+from ..analyse import ENTROPY_STATISTICS, Analysis
 from ..analyse.analysis import block_matrix_params
 from ..errors import InputError
 from ..source.model import SourceModel
 from .ewq import DEFAULT_DIRECTION, DEFAULT_ENTROPY, DEFAULT_K, check_entropy, ewq_tiers
 from .plan import Plan
-from .tiers import TIERS, TierTypes, check_direction, tiered_plan
+from .registry import PlanContext, option, register_planner
+from .tiers import DIRECTIONS, TIERS, TierOptions, TierTypes, check_direction, tiered_plan
 
 CLASSIFIER_FORMAT = 1
 FEATURES = ("index", "depth_fraction", "n_blocks", "block_params")
@@ -216,6 +217,31 @@ def fastewq_plan(model: SourceModel, classifier: Classifier, types: TierTypes, *
     params = {**{f"labels_{key}": value for key, value in classifier.labels.items()},
               "trained_on": [entry["model"] for entry in classifier.trained_on]}
     return tiered_plan(model, "fastewq", params, blocks, types, embed_type, output_type)
+
+
+@dataclass(frozen=True)
+class FastEwqOptions(TierOptions):
+    # the EWQ settings the classifier learnt are its own; these options only check that they are the ones meant
+    k: Optional[float] = option(None, "The EWQ k the classifier learnt; another is refused.", value_type=float,
+                                default_text="the classifier's")
+    entropy: Optional[str] = option(None, "The EWQ entropy the classifier learnt; another is refused.",
+                                    choices=ENTROPY_STATISTICS, default_text="the classifier's")
+    direction: Optional[str] = option(None, "The EWQ direction the classifier learnt; another is refused.",
+                                      choices=DIRECTIONS, default_text="the classifier's")
+    classifier: Optional[str | Path] = option(None, "A classifier from `ewq-gguf fastewq train`.", file=True,
+                                              default_text="the one shipped")
+
+
+@register_planner("fastewq", FastEwqOptions, help="EWQ's tiers predicted from metadata only (reads no weight)")
+def make(model: SourceModel, options: FastEwqOptions, context: PlanContext) -> Plan:
+    types = TierTypes.parse(options.types)
+    trained = Classifier.load(options.classifier)
+    asked = {"entropy": options.entropy, "k": options.k, "direction": options.direction}
+    differing = {key: value for key, value in asked.items() if value is not None and value != trained.labels[key]}
+    if differing:
+        raise InputError(f"the FastEWQ classifier predicts the tiers of EWQ with {trained.labels}, not {differing}; "
+                         "train one for these settings with `ewq-gguf fastewq train`")
+    return fastewq_plan(model, trained, types, embed_type=options.embed_type, output_type=options.output_type)
 
 
 def format_evaluation(classifier: Classifier) -> str:

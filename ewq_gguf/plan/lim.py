@@ -7,14 +7,18 @@ round(fraction x blocks), half up; equal scores keep block order.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..calibrate import Calibration
 from ..source.model import SourceModel
+from .inputs import calibration_for, calibration_option
 from .plan import Plan
-from .tiers import TierTypes, tiered_plan
+from .registry import PlanContext, option, register_planner
+from .tiers import TierOptions, TierTypes, tiered_plan
 from .zd import least_important_first, zd_low_count
 
 DEFAULT_FRACTION = 0.25
@@ -35,3 +39,18 @@ def lim_plan(model: SourceModel, calibration: Calibration, types: TierTypes, *, 
     params = {"fraction": fraction, "low_blocks": n_low, "calibration_text": calibration.text,
               "calibration_tokens": calibration.tokens}
     return tiered_plan(model, "lim", params, blocks, types, embed_type, output_type)
+
+
+@dataclass(frozen=True)
+class LimOptions(TierOptions):
+    fraction: float = option(DEFAULT_FRACTION, "Fraction of blocks, those that change their input least (LIM), moved "
+                                               "to the LOW type; the rest MID.", value_type=float)
+    calibration: Optional[Calibration | str | Path] = calibration_option()
+
+
+@register_planner("lim", LimOptions, help="the fraction of blocks that change their input least (LIM, from a "
+                                          "calibration) LOW, the rest MID")
+def make(model: SourceModel, options: LimOptions, context: PlanContext) -> Plan:
+    types = TierTypes.parse(options.types)
+    return lim_plan(model, calibration_for(options.calibration, "lim"), types, fraction=options.fraction,
+                    embed_type=options.embed_type, output_type=options.output_type)

@@ -19,7 +19,8 @@ plan, so the budget is re-solved with the measured header until the whole file f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -30,8 +31,11 @@ from ..errors import InputError
 from ..imatrix import ImportanceMatrix
 from ..quant import CODECS, effective_type, tensor_nbytes
 from ..source.model import SourceModel
+from ..write import parse_size
 from .entries import entry_for
+from .inputs import calibration_for, calibration_option
 from .plan import Plan
+from .registry import PlanContext, option, register_planner
 
 DEFAULT_RESOLUTION = 200_000
 METRICS = ("weighted", "plain")
@@ -191,8 +195,8 @@ def _plan_from_picks(model: SourceModel, choices: dict[str, list[Choice]], picks
     for spec in model.specs:
         if spec.name in choices:
             choice = choices[spec.name][picks[spec.name]]
-            entry = entry_for(spec, choice.qtype, f"alpha x t2 = {choice.predicted_kld:.3g}")
-            entry.predicted_kld = choice.predicted_kld
+            entry = replace(entry_for(spec, choice.qtype, f"alpha x t2 = {choice.predicted_kld:.3g}"),
+                            predicted_kld=choice.predicted_kld)
             total += choice.predicted_kld
         else:
             entry = entry_for(spec, QType.F32, "not measured: F32")
@@ -293,8 +297,30 @@ def predicted_kld(plan: Plan, calibration: Calibration, variant: str = "plain", 
         alpha = calibration.alpha(entry.name, metric == "weighted")
         if alpha is None:
             continue
-        measured = table.get(entry.name, {}).get(entry.type)
+        measured = table.get(entry.name, {}).get(entry.type.name)
         if measured is None:
             return None
         total += alpha * measured[column]
     return total
+
+
+@dataclass(frozen=True)
+class OptimalOptions:
+    types: Optional[str] = option(None, "Candidate types, comma-separated.",
+                                  default_text="every type ewq-gguf encodes")
+    calibration: Optional[Calibration | str | Path] = calibration_option()
+    target_size: Optional[int | str] = option(None, "The whole output file at most this size, e.g. 100MB (K/M/G, "
+                                                    "decimal).")
+    target_bpw: Optional[float] = option(None, "At most this many bits per weight of tensor data.", value_type=float)
+    metric: str = option(DEFAULT_METRIC, "Relative error with input columns weighted by their activations, or plain.",
+                         choices=METRICS)
+
+
+@register_planner("optimal", OptimalOptions, help="least predicted KL divergence for a file size (--target-size or "
+                                                  "--target-bpw), from a calibration")
+def make(model: SourceModel, options: OptimalOptions, context: PlanContext) -> Plan:
+    return plan_for_target(
+        model, calibration_for(options.calibration, "optimal"), context.file_size,
+        target_size=parse_size(options.target_size) if options.target_size is not None else None,
+        target_bpw=options.target_bpw, types=options.types, metric=options.metric, importance=context.importance,
+        progress=context.progress)

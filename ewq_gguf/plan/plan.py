@@ -1,17 +1,20 @@
 """The Plan: the single contract between deciding and writing.
 
 A plan names, for every tensor of the output file, the type that was asked for, the type it really gets (llama.cpp's
-fallback when the row length does not fit), its exact byte size, and why. It serialises to JSON, prints as a table,
-exports as a llama-quantize --tensor-type-file recipe, and is stored in the output's metadata (ewq.plan).
+fallback when the row length does not fit), its exact byte size, and why. It is data only, immutable once made: it
+serialises to JSON, exports as a llama-quantize --tensor-type-file recipe, and is stored in the output's metadata
+(ewq.plan). plan/display.py prints it.
 """
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+from gguf import GGMLQuantizationType as QType
 
 from ..errors import InputError
 
@@ -29,12 +32,12 @@ def recipe_pattern(name: str) -> str:
     return "^" + _REGEX_SPECIAL.sub(lambda match: "\\" + match.group(), name) + "$"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanEntry:
     name: str
-    shape: list[int]
-    requested: str
-    type: str
+    shape: tuple[int, ...]
+    requested: QType
+    type: QType
     nbytes: int
     block: Optional[int] = None
     reason: str = ""
@@ -51,21 +54,35 @@ class PlanEntry:
     def fell_back(self) -> bool:
         return self.requested != self.type
 
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON, types by name; predicted_kld only when set, so other plans stay as they were."""
+        data = {"name": self.name, "shape": list(self.shape), "requested": self.requested.name,
+                "type": self.type.name, "nbytes": self.nbytes, "block": self.block, "reason": self.reason}
+        if self.predicted_kld is not None:
+            data["predicted_kld"] = self.predicted_kld
+        return data
 
-def _entry_dict(entry: PlanEntry) -> dict[str, Any]:
-    """An entry as JSON; optional fields a method did not set are left out, so other plans stay as they were."""
-    data = asdict(entry)
-    if data["predicted_kld"] is None:
-        del data["predicted_kld"]
-    return data
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PlanEntry":
+        """An entry from its JSON; ValueError names a type that does not exist."""
+        types = []
+        for name in (data["requested"], data["type"]):
+            if name not in QType.__members__:
+                raise ValueError(f"tensor '{data['name']}': unknown type {name!r}")
+            types.append(QType[name])
+        return cls(data["name"], tuple(data["shape"]), *types, data["nbytes"], data.get("block"),
+                   data.get("reason", ""), data.get("predicted_kld"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
-    entries: list[PlanEntry] = field(default_factory=list)
+    entries: Sequence[PlanEntry] = ()                             # stored as a tuple
     blocks: list[dict[str, Any]] = field(default_factory=list)   # per-block scores and tiers, method-specific
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entries", tuple(self.entries))
 
     # --- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -83,21 +100,14 @@ class Plan:
     def by_name(self) -> dict[str, PlanEntry]:
         return {entry.name: entry for entry in self.entries}
 
-    def type_histogram(self) -> dict[str, int]:
+    def type_histogram(self) -> dict[QType, int]:
+        """Tensors per effective type, most common first."""
         return dict(Counter(entry.type for entry in self.entries).most_common())
-
-    def fallback_summary(self) -> str:
-        """One line: how many tensors fell back from which requested type to which effective type."""
-        moves = Counter((entry.requested, entry.type) for entry in self.entries if entry.fell_back)
-        if not moves:
-            return "no tensor fell back"
-        parts = ", ".join(f"{count} {requested}->{effective}" for (requested, effective), count in sorted(moves.items()))
-        return f"{sum(moves.values())} tensors fell back (row length not a multiple of the block size): {parts}"
 
     # --- serialisation -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "method": self.method, "params": self.params, "blocks": self.blocks,
-                "entries": [_entry_dict(entry) for entry in self.entries]}
+                "entries": [entry.to_dict() for entry in self.entries]}
 
     def to_json(self, indent: Optional[int] = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -107,7 +117,7 @@ class Plan:
         try:
             if data.get("format") != PLAN_FORMAT:
                 raise ValueError(f"plan format {data.get('format')!r}, expected {PLAN_FORMAT}")
-            entries = [PlanEntry(**entry) for entry in data["entries"]]
+            entries = [PlanEntry.from_dict(entry) for entry in data["entries"]]
             return cls(data["method"], dict(data.get("params") or {}), entries, list(data.get("blocks") or []))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a valid ewq-gguf plan ({exc})") from exc
@@ -128,42 +138,6 @@ class Plan:
     def to_recipe(self) -> str:
         """`^name$=type` per matrix, for llama-quantize --tensor-type-file (with a quantized base type, since it
         applies the file only then). 1-D tensors are left out: llama-quantize never converts them."""
-        lines = [f"{recipe_pattern(entry.name)}={entry.type.lower()}" for entry in self.entries
+        lines = [f"{recipe_pattern(entry.name)}={entry.type.name.lower()}" for entry in self.entries
                  if len(entry.shape) >= 2]
         return "\n".join(lines) + "\n"
-
-    # --- display -----------------------------------------------------------------------------------------------
-    def table(self) -> str:
-        """Per-tensor table (name, shape, requested -> effective type, bytes, why) and totals."""
-        rows = [("tensor", "shape", "type", "bytes", "why")]
-        for entry in self.entries:
-            shown = entry.type if not entry.fell_back else f"{entry.requested}->{entry.type}"
-            rows.append((entry.name, "x".join(map(str, entry.shape)), shown, f"{entry.nbytes:,}", entry.reason))
-        widths = [max(len(row[col]) for row in rows) for col in range(4)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
-        if self.blocks:
-            lines.append(self.blocks_table())
-        lines.append(self.summary())
-        return "\n".join(lines)
-
-    def blocks_table(self) -> str:
-        """Per-block decisions of a tiered method (EWQ, FastEWQ, ZD): block, score, tier, type, why."""
-        rows = [("block", "score", "tier", "type", "why")]
-        for block in self.blocks:
-            score = block.get("score")
-            rows.append((str(block.get("block", "")), "" if score is None else f"{score:.10g}",
-                         str(block.get("tier", "")), str(block.get("type", "")), str(block.get("why", ""))))
-        widths = [max(len(row[col]) for row in rows) for col in range(4)]
-        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4]
-                         for row in rows)
-
-    def summary(self) -> str:
-        histogram = ", ".join(f"{name} x{count}" for name, count in self.type_histogram().items())
-        line = (f"plan {self.method}: {len(self.entries)} tensors, {self.tensor_bytes / 1e6:.2f} MB of tensor data, "
-                f"{self.bits_per_weight:.3f} bits per weight ({histogram}); {self.fallback_summary()}")
-        if self.params.get("predicted_kld") is not None:
-            line += f"; predicted KLD {self.params['predicted_kld']:.4g}"
-            if self.params.get("predicted_kld_90"):
-                low, high = self.params["predicted_kld_90"]
-                line += f" (90% over calibration sequences: {low:.4g}..{high:.4g})"
-        return line

@@ -17,8 +17,8 @@ from .entries import entry_for
 from .plan import Plan
 
 
-def requested_types(path: Path) -> tuple[dict[str, str], str]:
-    """name -> requested type name from a plan JSON or a GGUF file, and a label of where they came from."""
+def requested_types(path: Path) -> tuple[dict[str, QType], str]:
+    """name -> requested type from a plan JSON or a GGUF file, and a label of where they came from."""
     if not path.is_file():
         raise InputError(f"plan file not found: {path}")
     if path.suffix == ".gguf":
@@ -26,7 +26,7 @@ def requested_types(path: Path) -> tuple[dict[str, str], str]:
             reader = gguf.GGUFReader(path)
         except Exception as exc:  # gguf-py raises several types for malformed files
             raise InputError(f"{path}: not a readable GGUF file ({exc})") from exc
-        return {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}, f"types copied from {path.name}"
+        return {tensor.name: tensor.tensor_type for tensor in reader.tensors}, f"types copied from {path.name}"
     plan = Plan.from_json(path.read_text())
     return {entry.name: entry.requested for entry in plan.entries}, f"plan {path.name} ({plan.method})"
 
@@ -40,10 +40,7 @@ def plan_from_file(model: SourceModel, path: str | Path) -> Plan:
                          "is it for another model?")
     entries = []
     for spec in model.specs:
-        try:
-            qtype = QType[types[spec.name]]
-        except KeyError:
-            raise InputError(f"{path.name}: unknown type '{types[spec.name]}' for {spec.name}") from None
+        qtype = types[spec.name]
         if qtype not in CODECS:
             raise InputError(f"{path.name}: tensor '{spec.name}' has type {qtype.name}, which ewq-gguf cannot encode "
                              f"(it encodes {supported_names()})")

@@ -20,6 +20,7 @@ from ..quant import parse_type
 from ..source.model import OUTPUT_HEAD, TOKEN_EMBEDDING, SourceModel
 from .entries import entry_for
 from .plan import Plan
+from .registry import option
 
 TIERS = ("LOW", "MID", "HIGH")
 DEFAULT_TYPES = "Q4_K,Q8_0,F16"
@@ -56,6 +57,15 @@ class TierTypes:
 
     def names(self) -> list[str]:
         return [self.low.name, self.mid.name, self.high.name]
+
+
+@dataclass(frozen=True)
+class TierOptions:
+    """The options of every method that decides one tier per block; each method's options extend these."""
+
+    types: str = option(DEFAULT_TYPES, "Tier types LOW,MID,HIGH.")
+    embed_type: str = option(DEFAULT_EMBED_TYPE, "Type of the token embedding (also the output head of tied models).")
+    output_type: str = option(DEFAULT_OUTPUT_TYPE, "Type of the output head.")
 
 
 def check_direction(direction: str) -> str:

@@ -9,6 +9,8 @@ round(fraction x blocks), half up; equal scores keep block order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -16,8 +18,10 @@ import numpy as np
 from ..analyse import Analysis
 from ..errors import InputError
 from ..source.model import SourceModel
+from .inputs import analysis_for, analysis_option
 from .plan import Plan
-from .tiers import TierTypes, check_direction, tiered_plan
+from .registry import PlanContext, option, register_planner
+from .tiers import DIRECTIONS, TierOptions, TierTypes, check_direction, tiered_plan
 
 DEFAULT_FRACTION = 0.25
 DEFAULT_DIRECTION = "high-first"
@@ -51,3 +55,20 @@ def zd_plan(model: SourceModel, analysis: Analysis, types: TierTypes, *, fractio
               for block, rank in zip(analysis.blocks, ranks)]
     params = {"fraction": fraction, "direction": direction, "low_blocks": n_low, "analysis_device": analysis.device}
     return tiered_plan(model, "zd", params, blocks, types, embed_type, output_type)
+
+
+@dataclass(frozen=True)
+class ZdOptions(TierOptions):
+    fraction: float = option(DEFAULT_FRACTION, "Fraction of blocks, the least important by ZD, moved to the LOW type; "
+                                               "the rest MID.", value_type=float)
+    direction: str = option(DEFAULT_DIRECTION, "Which end of the ZD order is least important (high-first: the "
+                                               "highest ZD goes LOW).", choices=DIRECTIONS)
+    analysis: Optional[Analysis | str | Path] = analysis_option()
+
+
+@register_planner("zd", ZdOptions, help="the least important fraction of blocks by ZD score LOW, the rest MID (reads "
+                                        "the weights)")
+def make(model: SourceModel, options: ZdOptions, context: PlanContext) -> Plan:
+    types = TierTypes.parse(options.types)    # before the analysis: a mistyped type fails at once
+    return zd_plan(model, analysis_for(model, options.analysis, context), types, fraction=options.fraction,
+                   direction=options.direction, embed_type=options.embed_type, output_type=options.output_type)

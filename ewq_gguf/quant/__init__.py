@@ -18,13 +18,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
 from ..errors import EwqGgufError
-from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy
+from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy, mxfp4
 from .codec import Codec
 from .fallback import effective_type
 
 
 CODECS: dict[QType, Codec] = {}
-for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
+for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4, mxfp4):
     CODECS.update(_family.CODECS)
 
 BACKENDS = ("auto", "torch", "ggml")

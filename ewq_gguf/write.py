@@ -49,7 +49,7 @@ FILE_TYPES = {
     QType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, QType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S,
     QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
     QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, QType.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
-    QType.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS,
+    QType.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS, QType.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 
 

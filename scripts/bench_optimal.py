@@ -6,9 +6,10 @@ the linear prediction itself. Writes the "Optimal plans vs llama-quantize: <mode
 
 The default model is the development model smollm2 (ewq_gguf.devenv: models/smollm2, or under EWQ_DEV_MODELS).
 
-At each peer size the optimal plan is made twice: with every type we encode as a candidate, and with llama.cpp's
-k-quant ladder only (KQUANT_CANDIDATES), where a tensor whose rows a k-quant cannot hold gets llama.cpp's fallback
-type, as llama-quantize does. The difference is what the 32-block and IQ4 candidate types are worth.
+At each peer size the optimal plan is made twice: with the default candidates (every type we encode, MXFP4 for
+expert tensors only), and with llama.cpp's k-quant ladder only (KQUANT_CANDIDATES), where a tensor whose rows a
+k-quant cannot hold gets llama.cpp's fallback type, as llama-quantize does. The difference is what the 32-block
+and IQ4 candidate types are worth.
 
 Texts: the calibration text is the first half of the Debian reference (found on this machine, never shipped); the
 evaluation text its last quarter, so no token is both calibrated and scored. Each tool computes its own importance
@@ -53,7 +54,7 @@ PEER_MIXES = ("Q4_K_M", "Q3_K_M")
 # llama.cpp's k-quant ladder plus Q8_0 and F16: the candidate set without the 32-block and IQ4 types
 KQUANT_CANDIDATES = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16"
 EXTRA_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")
-CANDIDATE_SETS = {"all": None, "k-quants": KQUANT_CANDIDATES}   # label -> --types (None: every type we encode)
+CANDIDATE_SETS = {"all": None, "k-quants": KQUANT_CANDIDATES}   # label -> --types (None: the default candidates)
 DEFAULT_CHUNKS = 40
 DEFAULT_TOKENS = 32768
 LINEARITY_BPW = "4.25,4.75,5.25,6.0,7.0"
@@ -284,7 +285,8 @@ def print_and_write(args, rows: list[Row], measured, predictions, timing, agreem
         f"Model {model_name}; calibration: first half of the Debian reference, {args.tokens} tokens"
         f"{fewer(args.tokens, DEFAULT_TOKENS)} in chunks of {args.ctx} for both tools; evaluation: its last quarter, "
         f"{args.chunks} x {args.ctx} tokens{fewer(args.chunks, DEFAULT_CHUNKS)}; KLD against the F32 conversion. Ours: `--method optimal --target-size <the llama.cpp file's "
-        "bytes>` with two candidate sets: *all* = every type we encode (the default), *k-quants* = "
+        "bytes>` with two candidate sets: *all* = every type we encode (the default; MXFP4 for expert tensors only), "
+        "*k-quants* = "
         f"`--types {KQUANT_CANDIDATES}` (a tensor whose rows a k-quant cannot hold gets llama.cpp's fallback, "
         "Q4_K -> Q5_0 etc., as in llama-quantize's own mixes)."
         + (" imatrix *unit*: `--imatrix unit`, ggml's importance-weighted encoders given equal weights for every "

@@ -2,9 +2,9 @@
 
 For each requested type T: `ewq-gguf convert MODEL OUT --method uniform --type T` against `llama-quantize --pure`
 of an F32 GGUF that ewq-gguf made of the same folder (llama-quantize's file types: Q4_K_S for Q4_K, Q5_K_S for
-Q5_K, Q3_K_S for Q3_K, the type's own name otherwise). Tensors both files store in the same type are compared
-byte for byte; tensors stored in different types (ewq-gguf's uniform method keeps the token embedding and output
-head in Q8_0 by default, --pure does not) are listed, not compared.
+Q5_K, Q3_K_S for Q3_K, MXFP4_MOE for MXFP4, the type's own name otherwise). Tensors both files store in the same
+type are compared byte for byte; tensors stored in different types (ewq-gguf's uniform method keeps the token
+embedding and output head in Q8_0 by default, --pure does not) are listed, not compared.
 
 A second check runs the same comparison on a tiny Llama whose rows are 96 and 100 values long (tests/tiny_models),
 where every 256-block type falls back, and checks the type of every matrix llama-quantize wrote against
@@ -36,9 +36,9 @@ from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.devenv import dev_model  # noqa: E402
 from ewq_gguf.quant import QType, effective_type  # noqa: E402
 
-DEFAULT_TYPES = "Q4_K,Q5_K,Q6_K,Q3_K,Q2_K,Q8_0,Q4_0,Q5_0,Q4_1,Q5_1,IQ4_NL,IQ4_XS"
-# llama-quantize's file type for a type: the _S mixture, which --pure turns into that type alone
-FILE_TYPES = {QType.Q4_K: "Q4_K_S", QType.Q5_K: "Q5_K_S", QType.Q3_K: "Q3_K_S"}
+DEFAULT_TYPES = "Q4_K,Q5_K,Q6_K,Q3_K,Q2_K,Q8_0,Q4_0,Q5_0,Q4_1,Q5_1,IQ4_NL,IQ4_XS,MXFP4"
+# llama-quantize's file type for a type, where it is not the type's name: a mixture that --pure turns into that type
+FILE_TYPES = {QType.Q4_K: "Q4_K_S", QType.Q5_K: "Q5_K_S", QType.Q3_K: "Q3_K_S", QType.MXFP4: "MXFP4_MOE"}
 
 
 @dataclass

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# GPU check of the fused Triton quantizers (ewq_gguf/quant/triton_kernels.py), for the device machine: one H100 or
-# H200, no internet, the repository as working directory and the gguf wheel in .device/. Run:
+# GPU check of the quantizers on CUDA (the fused Triton kernels of ewq_gguf/quant/triton_kernels.py, and the torch
+# codec of MXFP4, which has no kernel), for the device machine: one H100 or H200, no internet, the repository as
+# working directory and the gguf wheel in .device/. Run:
 #   bash scripts/gpu_triton_check.sh
-# It prints the triton version, runs tests/test_quant_triton.py on CUDA, then a table of MB/s of float32 input of
-# quantize() on CUDA: the torch codecs (backend="torch", unfused) against the default path (backend="auto", the
-# fused kernels), each with "same bytes" against our torch codecs on the CPU. llama-cpp-python is not installed
-# there; the CPU test suite proves those CPU bytes equal to ggml_quantize_chunk's. Takes under 4 minutes.
+# It prints the triton version, runs tests/test_quant_triton.py on CUDA, then MXFP4's byte-identity tests on CUDA
+# against ggml_quantize_chunk (tests/test_quant_parity.py and tests/test_quant_mxfp4.py, every input class), then a
+# table of MB/s of float32 input of quantize() on CUDA: the torch codecs (backend="torch", unfused) against the
+# default path (backend="auto", the fused kernels where the type has one), each with "same bytes" against our torch
+# codecs on the CPU, which the CPU test suite proves equal to ggml_quantize_chunk's. ggml itself comes from the
+# llama-cpp-python that `bash scripts/gpu_check.sh ppl` builds into $EWQ_DEVICE_CACHE (run it first on the same
+# warm machine); without it the MXFP4 tests are skipped. Takes under 5 minutes.
 # The wheel is installed into a fresh `mktemp -d` folder each run (it takes seconds), removed at the end.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,6 +23,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', 
 echo "== CUDA tests (tests/test_quant_triton.py)"
 timeout 130 python3 -m pytest -q tests/test_quant_triton.py 2>&1 | tail -15
 
+echo "== MXFP4 on CUDA against ggml (tests/test_quant_parity.py, tests/test_quant_mxfp4.py)"
+LLAMA=${EWQ_DEVICE_CACHE:-$HOME/.cache/ewq-gguf-device}/llama_cpp_python-0.3.36
+if [ -d "$LLAMA/llama_cpp/lib" ]; then
+  # only its libggml-base is loaded (ewq_gguf.quant.ggml_backend finds it without importing llama_cpp)
+  PYTHONPATH=$PYTHONPATH:$LLAMA timeout 150 python3 -m pytest -q -rs tests/test_quant_parity.py \
+    tests/test_quant_mxfp4.py -k "MXFP4 and cuda" 2>&1 | tail -8
+else
+  echo "skipped: no llama-cpp-python build at $LLAMA (bash scripts/gpu_check.sh ppl makes it)"
+fi
+
 echo "== throughput, MB/s of float32 input"
 timeout 100 python3 - <<'PY'
 import time
@@ -28,7 +42,8 @@ import torch
 from ewq_gguf import quant
 from ewq_gguf.quant import QType, quantize
 
-CASES = [(QType.Q8_0, False), (QType.Q4_K, False), (QType.Q4_K, True), (QType.Q5_K, False), (QType.Q5_K, True)]
+CASES = [(QType.Q8_0, False), (QType.Q4_K, False), (QType.Q4_K, True), (QType.Q5_K, False), (QType.Q5_K, True),
+         (QType.MXFP4, False)]
 
 
 def seconds(run, repeat):
@@ -55,7 +70,10 @@ for n_rows, n_columns in ((4096, 4096), (16384, 4096)):
     megabytes = rows.numel() * 4 / 1e6
     for qtype, weighted in CASES:
         weights, weights_gpu = (importance, importance_gpu) if weighted else (None, None)
-        path = "fused" if quant._fused_kernels(rows_gpu.device, qtype) is not None else "torch (no triton)"
+        if quant._fused_kernels(rows_gpu.device, qtype) is not None:
+            path = "fused"
+        else:
+            path = "torch (no triton)" if quant._triton_kernels() is None else "torch (no kernel for the type)"
         first_s, _ = seconds(lambda: quantize(rows_gpu, qtype, weights_gpu), 1)  # compiles on first use
         fused_s, fused = seconds(lambda: quantize(rows_gpu, qtype, weights_gpu), 3)
         quantize(rows_gpu, qtype, weights_gpu, backend="torch")  # warm-up

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from ewq_gguf.errors import InputError
 from ewq_gguf.plan.optimal import candidate_choices, choose, parse_candidates, stored_types
-from ewq_gguf.source.model import open_checkpoint
+from ewq_gguf.quant import QType, planner_types
+from ewq_gguf.source.model import TensorSpec, open_checkpoint
 
 
 def brute_force(sizes, costs, budget):
@@ -92,3 +94,22 @@ def test_a_cost_that_is_not_a_number_is_refused(tiny_llama, alpha, t2):
     with pytest.raises(InputError, match=r"cannot plan 'blk\.1\.ffn_down\.weight': its predicted KL increase in "
                                          r"(Q4_K|Q8_0) is (nan|inf)"):
         candidate_choices(model, alphas, errors, parse_candidates("Q4_K,Q8_0"), "weighted")
+
+
+def test_mxfp4_is_a_default_candidate_of_expert_tensors_only():
+    """llama-quantize's MXFP4_MOE mix stores tensors with ne[2] > 1 (stacked experts) in MXFP4 and the rest in Q8_0:
+    the default menu follows it, while --types may name MXFP4 for any weight (as llama-quantize --pure does)."""
+    experts = TensorSpec("blk.0.ffn_up_exps.weight", (8, 512, 256), "computed", "BF16")
+    dense = TensorSpec("blk.0.ffn_up.weight", (512, 256), "computed", "BF16")
+    one_expert = TensorSpec("blk.0.ffn_up_exps.weight", (1, 512, 256), "computed", "BF16")
+    assert [QType.MXFP4 in planner_types(spec.shape) for spec in (experts, dense, one_expert)] == [True, False, False]
+    model = SimpleNamespace(specs=[experts, dense])
+    alphas = dict.fromkeys([experts.name, dense.name], 1.0)
+    errors = dict.fromkeys(alphas, {"Q8_0": [0.001, 0.001], "MXFP4": [0.01, 0.01]})
+
+    def offered(candidates):
+        choices = candidate_choices(model, alphas, errors, candidates, "weighted")
+        return {name: {choice.qtype.name for choice in options} for name, options in choices.items()}
+
+    assert offered(parse_candidates(None)) == {experts.name: {"Q8_0", "MXFP4"}, dense.name: {"Q8_0"}}
+    assert offered(parse_candidates("MXFP4,Q8_0")) == dict.fromkeys(alphas, {"Q8_0", "MXFP4"})

@@ -36,6 +36,8 @@ from ewq_gguf.quant import QType, can_hold, effective_type, quantize
     (QType.Q8_0, 100, QType.F16),
     (QType.Q4_0, 48, QType.F16),
     (QType.IQ4_NL, 16, QType.F16),
+    (QType.MXFP4, 96, QType.MXFP4),
+    (QType.MXFP4, 100, QType.F16),
 ])
 def test_effective_type(requested, n_per_row, expected):
     assert effective_type(requested, n_per_row) == expected
@@ -43,7 +45,9 @@ def test_effective_type(requested, n_per_row, expected):
 
 # every quantized type the encoders support
 REQUESTED = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.Q4_0,
-             QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
+             QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.MXFP4]
+# llama-quantize's name for the file type whose --pure run writes a type, where it is not the type's name
+FILE_TYPE_NAMES = {QType.MXFP4: "MXFP4_MOE"}
 
 
 @pytest.mark.parametrize("requested", REQUESTED)
@@ -75,7 +79,8 @@ def odd_width_gguf(tmp_path_factory, llama_quantize):
 def test_matches_llama_quantize(odd_width_gguf, tmp_path, requested, llama_quantize):
     """llama-quantize --pure writes every matrix in effective_type, with the bytes our encoders produce."""
     out = tmp_path / f"{requested.name}.gguf"
-    subprocess.run([str(llama_quantize), "--pure", str(odd_width_gguf), str(out), requested.name, "1"],
+    file_type = FILE_TYPE_NAMES.get(requested, requested.name)
+    subprocess.run([str(llama_quantize), "--pure", str(odd_width_gguf), str(out), file_type, "1"],
                    check=True, capture_output=True)
     source = {t.name: t for t in GGUFReader(str(odd_width_gguf)).tensors}
     matrices = [t for t in GGUFReader(str(out)).tensors if len(t.shape) == 2]

@@ -29,8 +29,8 @@ from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
 from ..calibrate import Calibration
 from ..errors import InputError
 from ..imatrix import ImportanceMatrix
-from ..quant import CODECS, effective_type, tensor_nbytes
-from ..source.model import SourceModel
+from ..quant import effective_type, planner_types, tensor_nbytes
+from ..source.model import SourceModel, TensorSpec
 from ..write import parse_size
 from .entries import entry_for
 from .inputs import calibration_for, calibration_option
@@ -40,8 +40,6 @@ from .registry import PlanContext, option, register_planner
 DEFAULT_RESOLUTION = 200_000
 METRICS = ("weighted", "plain")
 DEFAULT_METRIC = "weighted"
-# Every type we encode; the ones a row length cannot hold are dropped per weight.
-DEFAULT_CANDIDATES = tuple(qtype for qtype in CODECS)
 
 
 @dataclass(frozen=True)
@@ -108,12 +106,19 @@ def _undominated(extra: np.ndarray, costs: np.ndarray) -> list[int]:
     return kept
 
 
-def parse_candidates(text: Optional[str]) -> list[QType]:
+def parse_candidates(text: Optional[str]) -> Optional[list[QType]]:
+    """The types named in text (--types); None without text: then each weight has its default menu."""
     if not text:
-        return list(DEFAULT_CANDIDATES)
+        return None
     from .tiers import type_named
 
     return [type_named(name) for name in text.split(",") if name.strip()]
+
+
+def weight_candidates(candidates: Optional[Sequence[QType]], spec: TensorSpec) -> Sequence[QType]:
+    """The candidates asked for, or by default quant.planner_types of the weight's shape: every type we encode,
+    MXFP4 for expert tensors only. Those the rows cannot hold are replaced per weight (stored_types)."""
+    return planner_types(spec.shape) if candidates is None else candidates
 
 
 def stored_types(candidates: Sequence[QType], n_per_row: int) -> dict[QType, QType]:
@@ -132,7 +137,7 @@ def stored_types(candidates: Sequence[QType], n_per_row: int) -> dict[QType, QTy
 
 
 def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict[str, dict[str, list[float]]],
-                      candidates: Sequence[QType], metric: str) -> dict[str, list[Choice]]:
+                      candidates: Optional[Sequence[QType]], metric: str) -> dict[str, list[Choice]]:
     """Per optimised weight, its choices: the types its candidates are stored as (see stored_types) whose error
     was measured. InputError when a choice's predicted KL (the DP's cost) is not finite: the DP would silently drop
     a NaN choice and could return a plan over the budget."""
@@ -142,8 +147,9 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
         if not spec.is_matrix or spec.name not in alphas:
             continue
         measured = errors.get(spec.name, {})
+        menu = weight_candidates(candidates, spec)
         options = []
-        for effective, qtype in stored_types(candidates, spec.shape[-1]).items():
+        for effective, qtype in stored_types(menu, spec.shape[-1]).items():
             if effective.name in measured:
                 t2 = measured[effective.name][column]
                 cost = alphas[spec.name] * t2
@@ -153,7 +159,7 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
                                      "planner needs finite values")
                 options.append(Choice(qtype, padded(tensor_nbytes(effective, spec.shape)), t2, cost))
         if not options:
-            raise InputError(f"none of the candidate types ({', '.join(t.name for t in candidates)}) can hold "
+            raise InputError(f"none of the candidate types ({', '.join(t.name for t in menu)}) can hold "
                              f"'{spec.name}' (rows of {spec.shape[-1]})")
         choices[spec.name] = options
     return choices
@@ -245,19 +251,19 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
     specs = [spec for spec in model.specs if spec.is_matrix and spec.name in alphas]
     variant = _cached_variant(calibration, importance)
     cached = calibration.errors.get(variant, {}) if variant else {}
-    if all(all(qtype.name in cached.get(spec.name, {}) for qtype in stored_types(candidates, spec.shape[-1]))
-           for spec in specs):
+    stored = {spec.name: stored_types(weight_candidates(candidates, spec), spec.shape[-1]) for spec in specs}
+    if all(all(qtype.name in cached.get(spec.name, {}) for qtype in stored[spec.name]) for spec in specs):
         errors = cached
     else:
         vectors = calibration.imatrix.vectors()
         quant_vectors = importance.vectors() if importance is not None else {}
-        measured_types = list(dict.fromkeys(qtype for spec in specs for qtype in stored_types(candidates,
-                                                                                             spec.shape[-1])))
+        measured_types = list(dict.fromkeys(qtype for spec in specs for qtype in stored[spec.name]))
         errors = error_tables(model, specs, measured_types, {"measured": quant_vectors.get}, vectors.get,
                               sample=calibration.error_sample or DEFAULT_SAMPLE, progress=progress,
                               row_weights=calibration.row_weights)["measured"]
     choices = candidate_choices(model, alphas, errors, candidates, metric)
-    params = {"metric": metric, "types": [qtype.name for qtype in candidates],
+    asked = dict.fromkeys(qtype.name for spec in specs for qtype in weight_candidates(candidates, spec))
+    params = {"metric": metric, "types": list(asked),
               "imatrix": variant or "other", "calibration_text": calibration.text,
               "calibration_tokens": calibration.tokens, "sensitivity_tokens": calibration.sensitivity_tokens}
     samples = {name: np.asarray(measured.samples_weighted if weighted else measured.samples)

@@ -2,7 +2,8 @@
 
 Pure by design: this package knows no file, model or plan. One codec module per type family registers its
 encoders in ``CODECS``; everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
-derived here from gguf-py's block table so that planners can ask for sizes without producing bytes.
+derived here from gguf-py's block table so that planners can ask for sizes without producing bytes, and so is
+the menu of types planners choose from (planner_types: MXFP4 for expert tensors only, as llama.cpp's mixes do).
 
 Every backend gives the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
 ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads; on
@@ -18,21 +19,27 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
 from ..errors import EwqGgufError
-from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy
+from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy, mxfp4
 from .codec import Codec
 from .fallback import effective_type
 
 
 CODECS: dict[QType, Codec] = {}
-for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
+for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4, mxfp4):
     CODECS.update(_family.CODECS)
 
 BACKENDS = ("auto", "torch", "ggml")
 
 __all__ = [
     "QType", "Codec", "CODECS", "BACKENDS", "quantize", "dequantize", "row_nbytes", "tensor_nbytes", "can_hold",
-    "parse_type", "effective_type", "supported_names",
+    "parse_type", "effective_type", "supported_names", "EXPERT_TYPES", "is_expert_tensor", "planner_types",
 ]
+
+# llama.cpp's own mixes give MXFP4 to expert tensors only: llama-quantize's MXFP4_MOE stores tensors with ne[2] > 1
+# (the experts of a layer stacked in one tensor) in MXFP4 and the others in Q8_0 (llama_tensor_get_type_impl in
+# src/llama-quant.cpp). Any tensor can hold it (llama-quantize --pure and --tensor-type write it anywhere, and so do
+# --type and plans here), so it is no fallback rule: only the menus that planners choose from on their own follow it.
+EXPERT_TYPES = frozenset({QType.MXFP4})
 
 
 def supported_names() -> str:
@@ -47,6 +54,17 @@ def parse_type(name: str) -> QType:
         if qtype.name == key:
             return qtype
     raise ValueError(f"unsupported tensor type '{name}' (supported: {supported_names()})")
+
+
+def is_expert_tensor(shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of this shape (numpy order, last dimension = row) stacks experts: ggml's ne[2] > 1."""
+    return len(shape) >= 3 and shape[-3] > 1
+
+
+def planner_types(shape: tuple[int, ...]) -> tuple[QType, ...]:
+    """The types a planner chooses among by default for a tensor of this shape: every type we encode, the
+    EXPERT_TYPES for expert tensors only."""
+    return tuple(qtype for qtype in CODECS if qtype not in EXPERT_TYPES or is_expert_tensor(shape))
 
 
 def block_shape(qtype: QType) -> tuple[int, int]:

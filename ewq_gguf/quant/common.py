@@ -104,6 +104,13 @@ def pack_nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return ((low.to(torch.int32) & 0x0F) | ((high.to(torch.int32) & 0x0F) << 4)).to(torch.uint8)
 
 
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles over the last dimension: (..., n) bytes -> (..., 2n) int32 codes, the low nibbles
+    first (elements 0..n-1 of ggml's 32-value blocks), then the high ones (elements n..2n-1)."""
+    codes = packed.to(torch.int32)
+    return torch.cat([codes & 0x0F, codes >> 4], dim=-1)
+
+
 def pack_high_bits(codes: torch.Tensor, bit: int = 4) -> torch.Tensor:
     """Bit `bit` of each of the last dimension's codes, gathered into a little-endian bit field of (..., n/8) bytes.
 

@@ -19,7 +19,7 @@ from .codec import Codec
 from .common import (
     GROUP_MAX_EPS, all_finite, block_square_sums, divide, encode_in_chunks, first_absmax, fp16_bytes,
     importance_weights, int_bytes, nearest_int, nonzero_reciprocal, pack_nibbles, pick_trial_scale, sequential_sum,
-    to_element_major,
+    to_element_major, unpack_nibbles,
 )
 
 BLOCK = 32
@@ -162,8 +162,7 @@ def quantize_iq4_xs(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> t
 
 def _grid_values(qs: torch.Tensor) -> torch.Tensor:
     """(…, 16) bytes -> (…, 32) grid values: low nibbles are elements 0..15, high nibbles 16..31."""
-    codes = qs.to(torch.int64)
-    return _grid(qs.device)[torch.cat([codes & 0x0F, codes >> 4], dim=-1)]
+    return _grid(qs.device)[unpack_nibbles(qs).to(torch.int64)]
 
 
 def dequantize_iq4_nl(data: torch.Tensor, n_per_row: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .codec import Codec
 from .common import (
     FLT_MAX, all_finite, as_int8, block_square_sums, divide, encode_in_chunks, first_absmax, first_max, first_min,
     fp16_bytes, importance_weights, low_byte, make_qkx_quants, make_qx_quants, nonzero_reciprocal, pack_high_bits,
-    pack_nibbles, round_half_away, to_element_major, truncate_to_int, unpack_high_bits,
+    pack_nibbles, round_half_away, to_element_major, truncate_to_int, unpack_high_bits, unpack_nibbles,
 )
 
 BLOCK = 32
@@ -179,15 +179,9 @@ def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[..., start:start + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(…, 16) bytes -> (…, 32) codes: low nibbles are elements 0..15, high nibbles 16..31."""
-    codes = qs.to(torch.int32)
-    return torch.cat([codes & 0x0F, codes >> 4], dim=-1)
-
-
 def _five_bit(blocks: torch.Tensor, qh_start: int) -> torch.Tensor:
     high = unpack_high_bits(blocks[..., qh_start:qh_start + 4], BLOCK)
-    return _nibbles(blocks[..., qh_start + 4:qh_start + 20]) | (high << 4)
+    return unpack_nibbles(blocks[..., qh_start + 4:qh_start + 20]) | (high << 4)
 
 
 def _decode_q8_0(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
@@ -198,13 +192,13 @@ def _decode_q8_0(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
 
 def _decode_q4_0(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
     blocks = _blocks(data, QType.Q4_0, n_per_row)
-    levels = (_nibbles(blocks[..., 2:]) - 8).to(torch.float32)
+    levels = (unpack_nibbles(blocks[..., 2:]) - 8).to(torch.float32)
     return (levels * _fp16_field(blocks, 0)).reshape(data.shape[0], n_per_row)
 
 
 def _decode_q4_1(data: torch.Tensor, n_per_row: int) -> torch.Tensor:
     blocks = _blocks(data, QType.Q4_1, n_per_row)
-    levels = _nibbles(blocks[..., 4:]).to(torch.float32)
+    levels = unpack_nibbles(blocks[..., 4:]).to(torch.float32)
     return (levels * _fp16_field(blocks, 0) + _fp16_field(blocks, 2)).reshape(data.shape[0], n_per_row)
 
 

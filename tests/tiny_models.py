@@ -35,7 +35,7 @@ TINY: dict[str, tuple[str, dict[str, Any], str]] = {
     "MistralForCausalLM": ("mistral", dict(sliding_window=None, tie_word_embeddings=False), "llama2"),
     "Qwen2ForCausalLM": ("qwen2", dict(tie_word_embeddings=False), "qwen2"),
     # head_dim 128 differs from hidden/heads = 64; tied embeddings as in the small Qwen3 models
-    "Qwen3ForCausalLM": ("qwen3", dict(head_dim=128, tie_word_embeddings=False), "qwen2"),
+    "Qwen3ForCausalLM": ("qwen3", dict(head_dim=128, tie_word_embeddings=True), "qwen2"),
     "GemmaForCausalLM": ("gemma", dict(head_dim=128), "gemma"),
     "Gemma2ForCausalLM": ("gemma2", GEMMA2_EXTRAS, "gemma"),
     "Gemma3ForCausalLM": ("gemma3_text", GEMMA3_EXTRAS, "gemma"),

@@ -17,11 +17,13 @@ projection at once, nothing more.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import gguf
 import torch
@@ -31,6 +33,8 @@ from ..errors import InputError, UnsupportedArchitectureError
 from .checkpoint import Checkpoint
 from .model import SourceModel, TensorSpec
 
+# the output path the converter's classes ask for; nothing is written to it (dry_run, and write() is never called)
+UNWRITTEN = Path(os.devnull)
 # keys our writer sets itself, from the plan and the model folder
 OWN_KEYS = ("general.architecture", "general.name", "general.file_type", "general.quantization_version")
 
@@ -103,12 +107,13 @@ class Conversion:
 def run_converter(model_dir: Path) -> Conversion:
     """Run the converter's class for `model_dir` lazily, twice (see the module notes), and collect what it makes."""
     model_class = converter_class(model_dir)
-    stored_in_float = {name for name, qtype in _planned_types(model_class, model_dir).items()
-                       if qtype == gguf.GGMLQuantizationType.F32}
-    model = _instance(model_class, model_dir, gguf.LlamaFileType.ALL_F32)
-    sources = _tag_sources(model)
-    model.prepare_tensors()
-    model.prepare_metadata(vocab_only=False)
+    with converter_errors(model_class):
+        stored_in_float = {name for name, qtype in _planned_types(model_class, model_dir).items()
+                           if qtype == gguf.GGMLQuantizationType.F32}
+        model = model_class(model_dir, gguf.LlamaFileType.ALL_F32, UNWRITTEN, eager=False, dry_run=True)
+        sources = _tag_sources(model)
+        model.prepare_tensors()
+        model.prepare_metadata(vocab_only=False)
     writer = model.gguf_writer
     tensors = []
     for name, info in writer.tensors[0].items():
@@ -118,16 +123,20 @@ def run_converter(model_dir: Path) -> Conversion:
     return Conversion(gguf.MODEL_ARCH_NAMES[model.model_arch], int(model.block_count), metadata, tensors)
 
 
-def _instance(model_class: type, model_dir: Path, file_type: gguf.LlamaFileType) -> Any:
+@contextmanager
+def converter_errors(model_class: type) -> Iterator[None]:
+    """What the converter raises on a folder it cannot convert (a tensor it cannot name, a config key it lacks, a
+    tokenizer it does not recognise) becomes one InputError line naming the architecture."""
     try:
-        return model_class(model_dir, file_type, model_dir / "unused.gguf", eager=False, dry_run=True)
-    except (KeyError, ValueError, TypeError, AssertionError) as exc:
-        raise InputError(f"llama.cpp's converter cannot read this folder ({type(exc).__name__}: {exc})") from exc
+        yield
+    except (KeyError, ValueError, TypeError, AssertionError, NotImplementedError, FileNotFoundError) as exc:
+        raise InputError(f"llama.cpp's converter cannot convert this folder as {model_class.__name__} "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def _planned_types(model_class: type, model_dir: Path) -> dict[str, gguf.GGMLQuantizationType]:
     """tensor name -> the type the converter gives it in an F16 file (F32 where llama.cpp keeps float)."""
-    model = _instance(model_class, model_dir, gguf.LlamaFileType.MOSTLY_F16)
+    model = model_class(model_dir, gguf.LlamaFileType.MOSTLY_F16, UNWRITTEN, eager=False, dry_run=True)
     model.prepare_tensors()
     return {name: info.dtype for name, info in model.gguf_writer.tensors[0].items()}
 

@@ -1,6 +1,7 @@
 """What every architecture adapter provides, and the parts most of them share.
 
-An adapter is data-like: which Hugging Face architectures it reads, which gguf-py MODEL_ARCH it writes, the metadata
+An adapter is data-like (registry.register_adapter names the Hugging Face architectures it reads): which gguf-py
+MODEL_ARCH it writes, the metadata
 keys llama.cpp needs, and small value transforms for the tensors whose layout differs between the two formats.
 Tensor names come from gguf-py's TensorNameMap, so adapters never spell GGUF tensor names themselves.
 """
@@ -53,7 +54,6 @@ def rope_parameters(config: Config) -> dict[str, Any]:
 class Adapter:
     """Base adapter: a decoder-only transformer that llama.cpp's graph for `gguf_arch` runs."""
 
-    architectures: tuple[str, ...] = ()
     gguf_arch: gguf.MODEL_ARCH
     # checkpoint tensors llama.cpp has no use for (buffers that transformers sometimes saves)
     ignored_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)

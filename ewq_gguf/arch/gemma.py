@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InputError
 from .base import Adapter, Config, hparam
+from .registry import register_adapter
 
 
 def sliding_layers(config: Config, n_blocks: int, default_pattern: int) -> list[bool]:
@@ -36,8 +37,8 @@ def sliding_layers(config: Config, n_blocks: int, default_pattern: int) -> list[
     return [(block + 1) % pattern != 0 for block in range(n_blocks)]
 
 
+@register_adapter("GemmaForCausalLM")
 class GemmaAdapter(Adapter):
-    architectures = ("GemmaForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GEMMA
 
     def __init__(self, config: Config):
@@ -58,8 +59,8 @@ class GemmaAdapter(Adapter):
         return tensor
 
 
+@register_adapter("Gemma2ForCausalLM")
 class Gemma2Adapter(GemmaAdapter):
-    architectures = ("Gemma2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GEMMA2
     default_sliding_pattern = 2
     # llama.cpp takes a model with this many blocks for the 27B one and scales its queries by (hidden/heads)^-1/2
@@ -110,8 +111,8 @@ class Gemma2Adapter(GemmaAdapter):
         writer.add_sliding_window_pattern(self.sliding)
 
 
+@register_adapter("Gemma3ForCausalLM")
 class Gemma3Adapter(Gemma2Adapter):
-    architectures = ("Gemma3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     default_sliding_pattern = 6
     llama_cpp_27b_blocks = 62

@@ -5,10 +5,11 @@ import gguf
 import torch
 
 from .base import Adapter, ExtraTensor, llama3_rope_factors, unpermute_rope_rows
+from .registry import register_adapter
 
 
+@register_adapter("LlamaForCausalLM", "MistralForCausalLM")
 class LlamaAdapter(Adapter):
-    architectures = ("LlamaForCausalLM", "MistralForCausalLM")
     gguf_arch = gguf.MODEL_ARCH.LLAMA
 
     def transform(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,13 @@ import torch
 
 from ..errors import InputError
 from .base import Adapter, Config, ExtraTensor, rope_parameters
+from .registry import register_adapter
 
 LONGROPE_TYPES = ("longrope", "su")
 
 
+@register_adapter("Phi3ForCausalLM")
 class Phi3Adapter(Adapter):
-    architectures = ("Phi3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.PHI3
 
     def __init__(self, config: Config):

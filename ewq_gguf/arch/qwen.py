@@ -9,6 +9,7 @@ import gguf
 
 from ..errors import InputError
 from .base import Adapter, Config
+from .registry import register_adapter
 
 
 def reject_sliding_window(config: Config, arch_name: str) -> None:
@@ -18,8 +19,8 @@ def reject_sliding_window(config: Config, arch_name: str) -> None:
                          f"{arch_name} architecture")
 
 
+@register_adapter("Qwen2ForCausalLM")
 class Qwen2Adapter(Adapter):
-    architectures = ("Qwen2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2
 
     def __init__(self, config: Config):
@@ -27,8 +28,8 @@ class Qwen2Adapter(Adapter):
         reject_sliding_window(config, self.arch_name)
 
 
+@register_adapter("Qwen3ForCausalLM")
 class Qwen3Adapter(Qwen2Adapter):
-    architectures = ("Qwen3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN3
 
     def __init__(self, config: Config):

@@ -1,8 +1,8 @@
 """What every architecture adapter provides, and the parts most of them share.
 
 An adapter is data-like (registry.register_adapter names the Hugging Face architectures it reads): which gguf-py
-MODEL_ARCH it writes, the metadata
-keys llama.cpp needs, and small value transforms for the tensors whose layout differs between the two formats.
+MODEL_ARCH it writes, the metadata keys llama.cpp needs, and small value transforms for the tensors whose layout
+differs between the two formats.
 Tensor names come from gguf-py's TensorNameMap, so adapters never spell GGUF tensor names themselves.
 """
 from __future__ import annotations

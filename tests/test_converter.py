@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType as QType, GGUFReader
 
 from ewq_gguf import llamacpp
 from ewq_gguf.api import convert
@@ -98,7 +98,7 @@ def test_expert_tensors_are_planned_per_block(converted, tmp_path):
     assert experts and all(len(entry.shape) == 3 for entry in result.plan.entries if "_exps." in entry.name)
     assert len({experts[name] for name in experts if name.startswith("blk.0.")} |
                {experts[name] for name in experts if name.startswith("blk.1.")}) >= 2
-    assert all(entry.type == "F32" for entry in result.plan.entries if "ffn_gate_inp" in entry.name)
+    assert all(entry.type == QType.F32 for entry in result.plan.entries if "ffn_gate_inp" in entry.name)
     assert gguf_logits(tmp_path / "ewq.gguf", [1, 2, 3]).shape[0] == 3
 
 

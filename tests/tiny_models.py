@@ -45,8 +45,8 @@ TINY: dict[str, tuple[str, dict[str, Any], str]] = {
 # Architectures that convert through llama.cpp's converter (ewq_gguf/source/converter.py), small but with the features
 # that make each one itself: experts routed top-k (shared experts, routers with biases), QK norms, Granite's
 # multipliers, gpt-oss's attention sinks and sliding window, LFM2's convolution blocks. Most take the development
-# model's tokenizer (SmolLM2's): the converter recognises a BPE pre-tokenizer only by the token ids a known tokenizer gives (get_vocab_base_pre), so
-# a vocabulary trained here is unknown to it, as it is to convert_hf_to_gguf.py.
+# model's tokenizer (SmolLM2's): the converter recognises a BPE pre-tokenizer only by the token ids a known tokenizer
+# gives (get_vocab_base_pre), so a vocabulary trained here is unknown to it, as it is to convert_hf_to_gguf.py.
 CONVERTED: dict[str, tuple[str, dict[str, Any], str]] = {
     "MixtralForCausalLM": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                            tie_word_embeddings=False), "llama2"),

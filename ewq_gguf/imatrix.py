@@ -60,14 +60,15 @@ class ImportanceMatrix:
             matrix.add(name, np.ones(width), 1)
         return matrix
 
-    def add(self, name: str, sum_of_squares: np.ndarray, count: float) -> None:
-        """Accumulate one batch of activations of a 2-D weight: per-column sum of x^2 over `count` tokens."""
-        sums = np.asarray(sum_of_squares, dtype=np.float64).reshape(1, -1)
+    def add(self, name: str, sum_of_squares: np.ndarray, count: float, matrix: int = 0, n_mat: int = 1) -> None:
+        """Accumulate one batch of activations of matrix `matrix` of a weight of `n_mat` (stacked experts: each
+        expert's own, over the tokens routed to it): per-column sum of x^2 over `count` tokens."""
+        sums = np.asarray(sum_of_squares, dtype=np.float64).reshape(-1)
         if name not in self.sums:
-            self.sums[name] = np.zeros_like(sums)
-            self.counts[name] = np.zeros(1)
-        self.sums[name] += sums
-        self.counts[name] += count
+            self.sums[name] = np.zeros((n_mat, len(sums)))
+            self.counts[name] = np.zeros(n_mat)
+        self.sums[name][matrix] += sums
+        self.counts[name][matrix] += count
 
     def vector(self, name: str) -> Optional[np.ndarray]:
         """The importance vector (mean x^2 per column, float32) for a weight, or None when it was not measured."""

@@ -278,15 +278,26 @@ def _put_in_place(temps: Sequence[Path], finals: Sequence[Path], force: bool) ->
 
 def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.device,
                   importance: Optional[torch.Tensor] = None) -> np.ndarray:
-    """A tensor's bytes in qtype, quantized on `device` a bounded chunk of rows at a time into one output buffer."""
+    """A tensor's bytes in qtype, quantized on `device` a bounded chunk of rows at a time into one output buffer.
+
+    importance: one vector, or for stacked experts one per expert end to end (llama-imatrix's n_mat vectors), each
+    expert's rows quantized with its own as llama-quantize does."""
     rows = tensor.reshape(-1, tensor.shape[-1])
+    vectors = importance.reshape(-1, rows.shape[1]) if importance is not None else None
+    if vectors is not None and vectors.shape[0] > 1 and vectors.shape[0] * tensor.shape[-2] != rows.shape[0]:
+        raise InputError(f"the importance matrix holds {vectors.shape[0]} vectors for '{name}', which stacks "
+                         f"{rows.shape[0] // tensor.shape[-2]} matrices")
+    rows_per_vector = tensor.shape[-2] if vectors is not None and vectors.shape[0] > 1 else rows.shape[0]
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
     encoded = np.empty((rows.shape[0], row_nbytes(qtype, rows.shape[1])), dtype=np.uint8)
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step].to(device=device, non_blocking=True)
-        if not bool(torch.isfinite(chunk).all()):
-            raise InputError(f"tensor '{name}' contains NaN or Inf values; refusing to write it")
-        encoded[start:start + step] = quantize(chunk, qtype, importance).cpu().numpy()
+    for first in range(0, rows.shape[0], rows_per_vector):
+        vector = vectors[first // rows_per_vector] if vectors is not None else None
+        for start in range(first, first + rows_per_vector, step):
+            end = min(start + step, first + rows_per_vector)
+            chunk = rows[start:end].to(device=device, non_blocking=True)
+            if not bool(torch.isfinite(chunk).all()):
+                raise InputError(f"tensor '{name}' contains NaN or Inf values; refusing to write it")
+            encoded[start:end] = quantize(chunk, qtype, vector).cpu().numpy()
     return encoded
 
 

@@ -31,11 +31,13 @@ of the drawn tokens look heavy.
 from __future__ import annotations
 
 import zlib
+from contextlib import ExitStack
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..imatrix import ImportanceMatrix
 from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
@@ -80,11 +82,16 @@ class BlockPasses:
         self.row_fisher: dict[str, np.ndarray] = work.load_arrays("rows")   # vocabulary weight -> sum over chunks
 
     # --- names ---------------------------------------------------------------------------------------------------
-    def gguf_name(self, parameter_name: str) -> Optional[str]:
-        stored = self.model.checkpoint_name(parameter_name)
-        name = self.source.adapter.gguf_name(stored) if stored else None
+    def gguf_name(self, stored: str) -> Optional[str]:
+        """The planned GGUF weight made from checkpoint tensor `stored` (None: none, or one kept in float)."""
+        name = self.source.adapter.gguf_name(stored)
         spec = self.source.by_name.get(name) if name else None
         return name if spec is not None and spec.is_matrix else None
+
+    def gguf_names(self, parameter_name: str) -> list[str]:
+        """The planned GGUF weights a parameter of the model feeds: one, or two for experts' fused gate and up."""
+        names = (self.gguf_name(stored) for stored in self.model.parameters.checkpoint_names(parameter_name))
+        return list(dict.fromkeys(name for name in names if name is not None))
 
     def _save(self) -> None:
         arrays = {f"sums:{name}": value for name, value in self.imatrix.sums.items()}
@@ -123,21 +130,29 @@ class BlockPasses:
             state["hidden"] = target_name
             self._save()
 
-    def _imatrix_hooks(self, layer: torch.nn.Module):
-        handles = []
+    def _imatrix_hooks(self, layer: torch.nn.Module) -> ExitStack:
+        """Importance hooks on the block's linear layers, and on the slices of its 3-D expert weights."""
+        handles, experts = [], {}
         for module in layer.modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            name = self.gguf_name(self.model.hf_name(module) + ".weight")
-            if name is not None:
-                handles.append(module.register_forward_pre_hook(
-                    lambda module, args, kwargs, name=name: self._add_input(name, args[0] if args else
-                                                                            kwargs["input"]), with_kwargs=True))
-        return _Handles(handles)
+            if isinstance(module, torch.nn.Linear):
+                for name in self.gguf_names(self.model.hf_name(module) + ".weight"):
+                    handles.append(module.register_forward_pre_hook(
+                        lambda module, args, kwargs, name=name: self._add_input(name, args[0] if args else
+                                                                                kwargs["input"]), with_kwargs=True))
+        prefix = self.model.hf_name(layer)
+        for local, parameter in layer.named_parameters():
+            names = self.gguf_names(f"{prefix}.{local}") if parameter.dim() == 3 else []
+            if names:
+                experts[id(parameter)] = (parameter, names)
+        stack = ExitStack()
+        stack.enter_context(_Handles(handles))
+        if experts:
+            stack.enter_context(_ExpertInputs(experts, self._add_input))
+        return stack
 
-    def _add_input(self, name: str, inputs: torch.Tensor) -> None:
+    def _add_input(self, name: str, inputs: torch.Tensor, expert: int = 0, n_experts: int = 1) -> None:
         flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        self.imatrix.add(name, flat.pow(2).sum(0).double().cpu().numpy(), flat.shape[0])
+        self.imatrix.add(name, flat.pow(2).sum(0).double().cpu().numpy(), flat.shape[0], expert, n_experts)
 
     def lim(self) -> list[float]:
         return [-total / count if count else 0.0 for total, count in self.work.state["lim"]]
@@ -244,22 +259,34 @@ class BlockPasses:
             target = files[target_name]
             inputs = self.work.chunks(f"inputs-{block}", self.n_grad, self.chunk_shape)
             with self.model.block(block, requires_grad=True) as layer:
-                weights = [(name, parameter) for name, parameter in
-                           ((self.gguf_name(self.model.hf_name(layer) + "." + local), parameter)
-                            for local, parameter in layer.named_parameters()) if name is not None]
-                traces = {name: [] for name, _ in weights}
+                prefix = self.model.hf_name(layer)
+                weights = [(f"{prefix}.{local}", parameter) for local, parameter in layer.named_parameters()
+                           if self.gguf_names(f"{prefix}.{local}")]
+                traces: dict[str, list[float]] = {}
                 for index in range(self.n_grad):
                     hidden = inputs.read(index, self.device).requires_grad_(True)
                     output = self.model.run_block(layer, block, hidden)
                     output.backward(source.read(index, self.device))
+                    squares: dict[str, float] = {}
                     for name, parameter in weights:
-                        gradient = parameter.grad
-                        traces[name].append(_square_sum(gradient) if gradient is not None else 0.0)
+                        # a parameter holding several GGUF weights (fused experts) is cut into the checkpoint's
+                        # tensors, each of which one GGUF weight is made of
+                        for stored, gradient in self._pieces(name, parameter.grad).items():
+                            gguf_name = self.gguf_name(stored)
+                            if gguf_name is not None:
+                                squares[gguf_name] = squares.get(gguf_name, 0.0) + _square_sum(gradient)
+                    for gguf_name, square in squares.items():
+                        traces.setdefault(gguf_name, []).append(square)
                     for parameter in layer.parameters():
                         parameter.grad = None
                     target.write(index, hidden.grad)
+                by_weight: dict[str, list[torch.Tensor]] = {}
                 for name, parameter in weights:
-                    self._note_norms(name, parameter)
+                    for stored, value in self._pieces(name, parameter.detach()).items():
+                        if self.gguf_name(stored) is not None:
+                            by_weight.setdefault(self.gguf_name(stored), []).append(value)
+                for gguf_name, values in by_weight.items():
+                    self._note_norms(gguf_name, torch.stack(values) if len(values) > 1 else values[0])
             state["traces"].update(traces)
             state["backward"] = done + 1
             state["gradient"] = target_name
@@ -311,6 +338,13 @@ class BlockPasses:
         state["embedding"] = True
         self._save()
 
+    def _pieces(self, name: str, tensor: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor -> its part of `tensor`, shaped like parameter `name` (a missing gradient: zeros)."""
+        if tensor is None:
+            parameter = self.model.model.get_parameter(name)
+            tensor = torch.zeros(parameter.shape, dtype=parameter.dtype, device=parameter.device)
+        return self.model.parameters.split(name, tensor)
+
     def _add_rows(self, name: str, token_rows: torch.Tensor, values: torch.Tensor) -> None:
         """Accumulate per-row Fisher mass (float64) of a vocabulary weight."""
         if name not in self.row_fisher:
@@ -318,13 +352,15 @@ class BlockPasses:
         np.add.at(self.row_fisher[name], token_rows.cpu().numpy(), values.double().cpu().numpy())
 
     def _note_norms(self, name: str, weight: torch.Tensor) -> None:
-        """||W||^2 and sum_j a_j ||W_:j||^2 (a: the importance vector), which turn gradient norms into alphas."""
-        rows = weight.detach().reshape(-1, weight.shape[-1])
-        columns = sum(_column_squares(part) for part in rows.split(CHUNK_ROWS))
+        """||W||^2 and sum_j a_j ||W_:j||^2 (a: the importance vector; for stacked experts, each expert's own over
+        its own columns), which turn gradient norms into alphas. The columns counted are those of every expert."""
+        matrices = weight.detach().reshape(-1, *weight.shape[-2:]) if weight.dim() > 2 else weight.detach()[None]
+        columns = torch.stack([sum(_column_squares(part) for part in matrix.split(CHUNK_ROWS))
+                               for matrix in matrices]).reshape(-1)
         vector = self.imatrix.vector(name)
         weighted = float((torch.from_numpy(vector).to(columns) * columns).sum()) if vector is not None else None
         self.work.state["norms"][name] = [float(columns.sum()), weighted, float(vector.sum()) if vector is not None
-                                          else None, int(weight.numel()), int(weight.shape[-1])]
+                                          else None, int(weight.numel()), int(columns.numel())]
 
 
 def _square_sum(tensor: torch.Tensor) -> float:
@@ -341,6 +377,41 @@ def _row_squares(weight: torch.Tensor) -> torch.Tensor:
 def _column_squares(rows: torch.Tensor) -> torch.Tensor:
     """Per column, the sum of x^2 over `rows` (float32 within the slice, float64 across slices)."""
     return rows.float().pow(2).sum(0).double()
+
+
+class _ExpertInputs(TorchFunctionMode):
+    """While active, the inputs that reach each expert's slice of a 3-D expert weight go to `add(name, inputs,
+    expert, n_experts)` for every GGUF weight of that parameter: transformers' eager experts take the weight's slice
+    of one expert (weight[expert]) and multiply the tokens routed to it by that slice (F.linear, or @), so each
+    expert's vector is counted by its own tokens, as llama-imatrix counts ggml_mul_mat_id's."""
+
+    PRODUCTS = (F.linear, torch.matmul, torch.Tensor.__matmul__)
+
+    def __init__(self, experts: dict[int, tuple[torch.Tensor, list[str]]], add: Callable):
+        super().__init__()
+        self.experts = experts
+        self.add = add
+        self.slices: dict[int, tuple[torch.Tensor, list[str], int, int]] = {}   # id(slice) -> (slice, names, ...)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.experts:
+            weight, names = self.experts[id(args[0])]
+            index = args[1]
+            if weight is args[0] and (isinstance(index, int) or isinstance(index, torch.Tensor) and index.numel() == 1
+                                      and not index.is_floating_point()):
+                # the slice is kept with its id, so that the id is not reused while it is looked up
+                self.slices[id(result)] = (result, names, int(index), int(weight.shape[0]))
+        elif func in self.PRODUCTS and len(args) >= 2 and id(args[1]) in self.slices:
+            weight_slice, names, expert, n_experts = self.slices[id(args[1])]
+            if weight_slice is args[1]:
+                for name in names:
+                    self.add(name, args[0], expert, n_experts)
+        return result
+
+    def __exit__(self, *exc_info):
+        self.slices.clear()
+        return super().__exit__(*exc_info)
 
 
 class _Handles:

@@ -8,7 +8,8 @@ written file will be.
 
 Row sample: the error of a type is a property of the distribution of values within blocks of a row, so it is
 measured on at most `sample` elements per weight: whole rows, evenly spaced over the tensor (all rows when the
-tensor is smaller). 0 measures every row.
+tensor is smaller). 0 measures every row. The rows of stacked experts (n_expert, rows, columns) are spaced over all
+experts' rows, and each is quantized and weighted with its own expert's importance vector, as llama-quantize does.
 """
 from __future__ import annotations
 
@@ -30,29 +31,50 @@ DEFAULT_SAMPLE = 1 << 15
 MIN_WEIGHTED_ROWS = 1024
 
 
-def sample_rows(tensor: torch.Tensor, sample: int) -> torch.Tensor:
-    """Evenly spaced whole rows holding about `sample` elements (every row when sample is 0 or covers them)."""
+def sample_rows(tensor: torch.Tensor, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evenly spaced whole rows holding about `sample` elements (every row when sample is 0 or covers them), and
+    the matrix each row belongs to (its expert in a 3-D tensor of stacked experts; 0 in a 2-D one)."""
     rows = tensor.reshape(-1, tensor.shape[-1])
+    rows_per_matrix = tensor.shape[-2] if tensor.dim() > 2 else rows.shape[0]
     wanted = -(-sample // rows.shape[1]) if sample > 0 else rows.shape[0]
     if wanted >= rows.shape[0]:
-        return rows
-    index = torch.linspace(0, rows.shape[0] - 1, wanted).round().long()
-    return rows[index]
+        index = torch.arange(rows.shape[0])
+    else:
+        index = torch.linspace(0, rows.shape[0] - 1, wanted).round().long()
+    return rows[index], index // rows_per_matrix
 
 
 def relative_errors(rows: torch.Tensor, qtype: QType, quant_importance: Optional[torch.Tensor],
-                    column_weights: Optional[torch.Tensor]) -> tuple[float, float]:
-    """(t2, t2_weighted) of rows stored in qtype."""
+                    column_weights: Optional[torch.Tensor],
+                    matrix_of_row: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """(t2, t2_weighted) of rows stored in qtype. The importance and column weights hold one vector per matrix
+    (stacked experts: n_expert vectors end to end), `matrix_of_row` says whose each row is."""
     rows = rows.to(torch.float32)
-    # one encoder thread: error_tables runs several measurements at once
-    restored = dequantize(quantize(rows, qtype, quant_importance, threads=1), qtype, rows.shape[1])
-    delta_columns = (restored - rows).double().pow(2).sum(0)
-    weight_columns = rows.double().pow(2).sum(0)
-    plain = _ratio(float(delta_columns.sum()), float(weight_columns.sum()))
+    if matrix_of_row is None:
+        matrix_of_row = torch.zeros(rows.shape[0], dtype=torch.long)
+    matrix_of_row = matrix_of_row.to(rows.device)
+    restored = torch.empty_like(rows)
+    for matrix in matrix_of_row.unique().tolist():
+        picked = matrix_of_row == matrix
+        # one encoder thread: error_tables runs several measurements at once
+        restored[picked] = dequantize(quantize(rows[picked], qtype, _matrix_vector(quant_importance, matrix,
+                                                                                   rows.shape[1]), threads=1),
+                                      qtype, rows.shape[1])
+    delta = (restored - rows).double().pow(2)
+    squares = rows.double().pow(2)
+    plain = _ratio(float(delta.sum()), float(squares.sum()))
     if column_weights is None:
         return plain, plain
-    column_weights = column_weights.to(device=rows.device, dtype=torch.float64)
-    return plain, _ratio(float((column_weights * delta_columns).sum()), float((column_weights * weight_columns).sum()))
+    weights = column_weights.to(device=rows.device, dtype=torch.float64).reshape(-1, rows.shape[1])
+    weights = weights[matrix_of_row] if weights.shape[0] > 1 else weights
+    return plain, _ratio(float((weights * delta).sum()), float((weights * squares).sum()))
+
+
+def _matrix_vector(vector: Optional[torch.Tensor], matrix: int, columns: int) -> Optional[torch.Tensor]:
+    """Matrix `matrix`'s part of a vector of one or more matrices (a single vector serves every matrix)."""
+    if vector is None or vector.numel() == columns:
+        return vector
+    return vector.reshape(-1, columns)[matrix]
 
 
 def _ratio(error: float, norm: float) -> float:
@@ -104,7 +126,8 @@ def error_tables(model: SourceModel, specs: Sequence[TensorSpec], types: Sequenc
     with ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="ewq-errors") as pool:
         for spec in progress_bar(specs, desc="quantization errors", unit="weight", enabled=progress):
             tensor = model.load(spec).to("cpu")
-            rows = sample_rows(tensor, sample).to(torch.float32)
+            rows, matrix_of_row = sample_rows(tensor, sample)
+            rows = rows.to(torch.float32)
             weights, by_row = column_weights(spec.name), row_weights(spec.name)
             heavy = None if by_row is None else heaviest_rows(tensor.to(torch.float32), by_row, sample)
             del tensor
@@ -112,9 +135,9 @@ def error_tables(model: SourceModel, specs: Sequence[TensorSpec], types: Sequenc
 
             def errors(qtype: QType, importance: Optional[torch.Tensor]) -> list[float]:
                 if heavy is None:
-                    return list(relative_errors(rows, qtype, importance, weights))
+                    return list(relative_errors(rows, qtype, importance, weights, matrix_of_row))
                 heavy_rows, heavy_weights = heavy
-                return [relative_errors(rows, qtype, importance, None)[0],
+                return [relative_errors(rows, qtype, importance, None, matrix_of_row)[0],
                         row_weighted_error(heavy_rows, qtype, importance, heavy_weights)]
 
             pending = {(variant, qtype): pool.submit(errors, qtype, importance_of(spec.name))

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..source.checkpoint import Checkpoint
+from .parameters import CheckpointParameters
 
 
 class StopForward(Exception):
@@ -85,12 +86,15 @@ class StreamedModel:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
         with empty_parameters():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            # eager experts: a mixture-of-experts layer then runs each expert on its own tokens with its own slice
+            # of the 3-D weights, which is what the importance hooks (passes.py) read
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation="eager")
         self.model.eval()
         for module in self.model.modules():   # the real buffers to the device; parameters are read there later
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[name] = buffer.to(device)
+        self.parameters = CheckpointParameters(self.model, self.checkpoint)
         self.decoder = self.model.get_decoder()
         self.layers = self.decoder.layers
         self.n_blocks = len(self.layers)
@@ -111,34 +115,27 @@ class StreamedModel:
         self.returns_tuple: Optional[bool] = None
 
     # --- weights -------------------------------------------------------------------------------------------------
-    def checkpoint_name(self, name: str) -> Optional[str]:
-        """The checkpoint's name for a parameter of the model (some checkpoints omit the base model's prefix)."""
-        if name in self.checkpoint.records:
-            return name
-        prefix = self.model.base_model_prefix + "."
-        if name.startswith(prefix) and name[len(prefix):] in self.checkpoint.records:
-            return name[len(prefix):]
-        return None
-
     def _materialise(self, module: torch.nn.Module, skip: frozenset | set = frozenset(),
                      requires_grad: bool = False, dtype: Optional[torch.dtype] = torch.float32) -> None:
         """Read the parameters of `module` (except `skip`) from the checkpoint, in `dtype` (None: as stored), on the
         device."""
         base = self.prefix[id(module)]
         done: set[int] = set()
+
+        def read(stored: str) -> torch.Tensor:
+            value = self.checkpoint.load(stored)
+            if not value.is_floating_point():
+                raise InputError(f"tensor '{stored}' is stored as {value.dtype}, not as floating point")
+            return value.to(device=self.device, dtype=dtype)
+
         for name, parameter in list(module.named_parameters(remove_duplicate=False)):
             if id(parameter) in skip or id(parameter) in done:
                 continue
             full_name = f"{base}.{name}" if base else name
-            stored = self.checkpoint_name(full_name)
-            if stored is None:
-                raise InputError(f"the checkpoint has no tensor '{full_name}' that the model's class needs")
-            value = self.checkpoint.load(stored).to(device=self.device, dtype=dtype)
-            if not value.is_floating_point():
-                raise InputError(f"tensor '{stored}' is stored as {value.dtype}, not as floating point")
+            value = self.parameters.build(full_name, read)
             if tuple(value.shape) != tuple(parameter.shape):
-                raise InputError(f"tensor '{stored}' has shape {list(value.shape)}, the model's class expects "
-                                 f"{list(parameter.shape)}")
+                raise InputError(f"tensor '{full_name}' has shape {list(value.shape)} in the checkpoint, the "
+                                 f"model's class expects {list(parameter.shape)}")
             self._set(module, name, torch.nn.Parameter(value, requires_grad=requires_grad))
             done.add(id(parameter))
 

@@ -16,7 +16,7 @@ from .analyse import Analysis, analyze
 from .device import resolve_device
 from .calibrate import Calibration, load_importance
 from .errors import InputError
-from .imatrix import ImportanceMatrix
+from .calibrate.imatrix import ImportanceMatrix
 from .plan import Plan
 from .plan.uniform import uniform_plan
 from .plan import ewq as ewq_method, lim as lim_method, optimal as optimal_method, zd as zd_method
@@ -26,7 +26,8 @@ from .plan.tiers import DEFAULT_TYPES, TierTypes
 from .quant import parse_type
 from .source.model import SourceModel, open_checkpoint
 from .timing import StageTimes
-from .write import add_plan_metadata, check_output, parse_size, write_gguf
+from .write import check_output, parse_size, write_gguf
+from .write.file import add_plan_metadata
 
 METHODS = ("ewq", "fastewq", "zd", "lim", "optimal", "uniform")
 
@@ -170,7 +171,7 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
                                   progress=progress) if validate else None
     modelfile = None
     if ollama_modelfile:
-        from .validate import write_ollama_modelfile
+        from .write import write_ollama_modelfile
 
         modelfile = write_ollama_modelfile(result.path)
     return dataclasses.replace(result, validation=validation, modelfile=modelfile)

@@ -260,7 +260,7 @@ def fastewq_train(analyses: tuple[str, ...], out: str, entropy: str, k: float, d
 @reports_errors
 def inspect(file: str, as_json: bool) -> None:
     """Show a GGUF file's metadata, type histogram, bits per weight and recorded plan."""
-    from .inspect import format_inspection, inspect_gguf
+    from .gguf_file.inspect import format_inspection, inspect_gguf
 
     summary = inspect_gguf(file)
     click.echo(json.dumps(summary, indent=1) if as_json else format_inspection(summary))

@@ -41,7 +41,7 @@ from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.api import convert  # noqa: E402
 from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
 from ewq_gguf.devenv import dev_model  # noqa: E402
-from ewq_gguf.imatrix import ImportanceMatrix  # noqa: E402
+from ewq_gguf.calibrate.imatrix import ImportanceMatrix  # noqa: E402
 from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld  # noqa: E402
 from ewq_gguf.plan.plan import Plan  # noqa: E402
 from ewq_gguf.plan.reuse import plan_from_file  # noqa: E402

@@ -24,7 +24,7 @@ from ewq_gguf.write import verify
 from test_convert import run_cli
 from test_robustness import rewrite_safetensors
 
-pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.tokenizer.TokenizerWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -16,7 +16,7 @@ from ewq_gguf.analyse import Analysis, BlockAnalysis, analyze
 from ewq_gguf.api import convert, make_plan
 from ewq_gguf.cli import main
 from ewq_gguf.errors import InputError
-from ewq_gguf.inspect import format_inspection, inspect_gguf
+from ewq_gguf.gguf_file.inspect import format_inspection, inspect_gguf
 from ewq_gguf.plan import Plan
 from ewq_gguf.plan.ewq import ewq_tiers, z_scores
 from ewq_gguf.plan.fastewq import FEATURES, Classifier, block_features, train

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import ewq_gguf.write as write_module
+import ewq_gguf.write.file as write_module
 from ewq_gguf.api import convert
 from ewq_gguf.errors import InputError, OutputError
 from ewq_gguf.plan import Plan
@@ -36,7 +36,7 @@ from llama_runner import gguf_logits, relative_error
 from test_convert import CliResult, run_cli
 from tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.tokenizer.TokenizerWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")
 
 TOKENS = [(7 * i + 3) % 200 + 5 for i in range(40)]
 

@@ -28,7 +28,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import InputError
-from ..imatrix import ImportanceMatrix
+from .imatrix import ImportanceMatrix
 from ..progress import progress_bar
 from ..quant import CODECS, QType
 from ..source.model import SourceModel, open_checkpoint
@@ -71,7 +71,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     is saved. threads: CPU threads for torch (default: torch's choice); on a CPU shared with other work, fewer
     threads than cores can be several times faster. compute_dtype: the blocks' arithmetic, "float32", "bfloat16" or
     "auto" (bfloat16 for a bfloat16 checkpoint where bfloat16 is fast, see stream.py)."""
-    from ..validate.text import load_text
+    from ..text import load_text
 
     if sensitivity not in SENSITIVITY_METHODS:
         raise InputError(f"unknown sensitivity method '{sensitivity}' (one of {', '.join(SENSITIVITY_METHODS)})")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..imatrix import ImportanceMatrix
+from .imatrix import ImportanceMatrix
 from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
 from .stream import StreamedModel, StopForward
 from .workfolder import WorkFolder

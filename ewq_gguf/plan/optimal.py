@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
 
 from ..calibrate import Calibration
 from ..errors import InputError
-from ..imatrix import ImportanceMatrix
+from ..calibrate.imatrix import ImportanceMatrix
 from ..quant import CODECS, effective_type, tensor_nbytes
 from ..source.model import SourceModel
 from .entries import entry_for

@@ -9,7 +9,7 @@ and its per-sub-block branches become masks. Only the loops over a sub-block's e
 over make_qp_quants' passes are Python loops.
 
 Non-finite input with an importance vector is outside what is matched: make_qp_quants' handling of NaN scales is
-not reproduced (write.py refuses non-finite weights before they get here).
+not reproduced (the writer refuses non-finite weights before they get here).
 """
 from __future__ import annotations
 

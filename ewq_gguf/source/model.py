@@ -207,7 +207,7 @@ def open_checkpoint(model_dir: str | Path, *, allow_pickle: bool = False) -> Sou
 
     allow_pickle: also read pytorch_model*.bin checkpoints (weights-only unpickling) when no safetensors exist.
     """
-    from ..tokenizer import add_tokenizer
+    from .tokenizer import add_tokenizer
 
     checkpoint = Checkpoint(model_dir, allow_pickle=allow_pickle)
     check_config(checkpoint.config)

@@ -9,7 +9,6 @@ from ewq_gguf.validate.compare import (
     plot_size_vs_kld,
     require_matplotlib,
 )
-from ewq_gguf.validate.modelfile import write_ollama_modelfile
 from ewq_gguf.validate.perplexity import PerplexityReport, format_perplexity, perplexity
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "perplexity",
     "plot_size_vs_kld",
     "require_matplotlib",
-    "write_ollama_modelfile",
 ]

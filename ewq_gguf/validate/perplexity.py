@@ -11,9 +11,9 @@ import numpy as np
 
 from ewq_gguf.progress import progress_bar
 from ewq_gguf.validate.evaluator import ChunkEvaluator, check_chunk_count, check_context_size
-from ewq_gguf.validate.gguf_file import read_gguf
+from ewq_gguf.gguf_file import read_gguf
 from ewq_gguf.validate.scoring import negative_log_likelihoods
-from ewq_gguf.validate.text import load_text
+from ewq_gguf.text import load_text
 
 
 @dataclass

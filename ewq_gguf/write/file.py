@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from . import __version__
-from .errors import EwqGgufError, InputError, OutputError
-from .plan import Plan
-from .progress import progress_bar
-from .quant import quantize, row_nbytes
-from .source.model import SourceModel
-from .timing import StageTimes
+from .. import __version__
+from ..errors import EwqGgufError, InputError, OutputError
+from ..plan import Plan
+from ..progress import progress_bar
+from ..quant import quantize, row_nbytes
+from ..source.model import SourceModel
+from ..timing import StageTimes
 
 # Rows quantized per step: bounds the float32 working copy (~64 MiB) whatever the tensor size.
 CHUNK_ELEMENTS = 1 << 24
@@ -347,10 +347,10 @@ def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
     """Re-read the written file (or every part of a split) and check each tensor's name, type and size against the
     plan, that all tensor data the header promises is in the file, and a split's split.* keys against its parts.
 
-    The header is parsed with the project's GGUF header reader (validate.gguf_file), not gguf-py's GGUFReader: the
+    The header is parsed with the project's GGUF header reader (gguf_file.read), not gguf-py's GGUFReader: the
     latter builds a numpy view per vocabulary entry and costs seconds on every conversion for the same check.
     """
-    from .validate.gguf_file import read_gguf
+    from ..gguf_file import read_gguf
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     found: dict[str, tuple[str, int]] = {}

@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"

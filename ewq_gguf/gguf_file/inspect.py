@@ -9,8 +9,8 @@ from typing import Any
 
 import gguf
 
-from .errors import InputError
-from .plan import Plan
+from ..errors import InputError
+from ..plan import Plan
 
 
 def field_value(reader: gguf.GGUFReader, key: str) -> Any:

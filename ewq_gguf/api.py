@@ -17,12 +17,13 @@ from .device import resolve_device
 from .calibrate import Calibration, load_importance
 from .errors import InputError
 from .calibrate.imatrix import ImportanceMatrix
+from .constants import DEFAULT_EVALUATION_CTX, DEFAULT_TIER_TYPES
 from .plan import Plan
 from .plan.uniform import uniform_plan
 from .plan import ewq as ewq_method, lim as lim_method, optimal as optimal_method, zd as zd_method
 from .plan.fastewq import Classifier, fastewq_plan
 from .plan.reuse import plan_from_file
-from .plan.tiers import DEFAULT_TYPES, TierTypes
+from .plan.tiers import TierTypes
 from .quant import parse_type
 from .source.model import SourceModel, open_checkpoint
 from .timing import StageTimes
@@ -93,7 +94,7 @@ def make_plan(model: SourceModel, method: Optional[str] = None, *, type: Optiona
             model, _calibration(calibration, method), lambda candidate: planned_file_size(model, candidate),
             target_size=parse_size(target_size) if target_size is not None else None, target_bpw=target_bpw,
             types=types, metric=metric or optimal_method.DEFAULT_METRIC, importance=importance, progress=progress)
-    tier_types = TierTypes.parse(types or DEFAULT_TYPES)
+    tier_types = TierTypes.parse(types or DEFAULT_TIER_TYPES)
     if method == "lim":
         return lim_method.lim_plan(model, _calibration(calibration, method), tier_types,
                                    fraction=lim_method.DEFAULT_FRACTION if fraction is None else fraction,
@@ -216,7 +217,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
 
 
 def validate_written(model_dir: str | Path, written: Path, *, base: Optional[str | Path] = None,
-                     text: Optional[str | Path] = None, ctx: int = 512, chunks: Optional[int] = None,
+                     text: Optional[str | Path] = None, ctx: int = DEFAULT_EVALUATION_CTX, chunks: Optional[int] = None,
                      allow_pickle: bool = False, progress: bool = True) -> list:
     """Compare a freshly written GGUF with a reference through llama.cpp: KLD, top-1 agreement and PPL.
 

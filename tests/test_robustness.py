@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import ewq_gguf.write.file as write_module
 from ewq_gguf.api import convert
+from ewq_gguf.constants import KEY_EWQ_PLAN
 from ewq_gguf.errors import InputError, OutputError
 from ewq_gguf.plan import Plan
 from ewq_gguf.quant import CODECS, row_nbytes
@@ -469,7 +470,7 @@ def test_two_converts_to_one_output(tiny_llama, out_dir, monkeypatch, force):
         assert "appeared while this conversion was writing" in str(failures[0])
     assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
     reader = gguf.GGUFReader(out)
-    write_module.verify(out, Plan.from_dict(json.loads(reader.fields["ewq.plan"].contents())))
+    write_module.verify(out, Plan.from_dict(json.loads(reader.fields[KEY_EWQ_PLAN].contents())))
 
 
 # --- split output ------------------------------------------------------------------------------------------------

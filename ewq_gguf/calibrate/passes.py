@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .imatrix import ImportanceMatrix
-from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
+from ..constants import OUTPUT_HEAD, TOKEN_EMBEDDING
+from ..source.model import SourceModel
 from .stream import StreamedModel, StopForward
 from .workfolder import WorkFolder
 

@@ -24,8 +24,6 @@ from ..progress import progress_bar
 from .calibration import Sensitivity
 from .runner import ModelRunner, Weight, kl_per_token
 
-DEFAULT_NOISE_LEVELS = (0.05, 0.1)
-
 
 def slope_through_origin(x: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope of y = slope * x."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import gguf
 
+from ..constants import KEY_EWQ_PLAN
 from ..errors import InputError
 from ..plan import Plan
 
@@ -34,11 +35,11 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
     for key in reader.fields:
         if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key not in (
                 "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token") or key == "ewq.plan":
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token") or key == KEY_EWQ_PLAN:
             continue
         value = field_value(reader, key)
         metadata[key] = value if not isinstance(value, str) or len(value) < 200 else value[:200] + "..."
-    plan_json = field_value(reader, "ewq.plan")
+    plan_json = field_value(reader, KEY_EWQ_PLAN)
     return {
         "file": str(path),
         "bytes": path.stat().st_size,

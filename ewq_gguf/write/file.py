@@ -31,6 +31,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from .. import __version__
+from ..constants import KEY_EWQ_METHOD, KEY_EWQ_PARAMS, KEY_EWQ_PLAN, KEY_EWQ_VERSION
 from ..errors import EwqGgufError, InputError, OutputError
 from ..plan import Plan
 from ..progress import progress_bar
@@ -93,10 +94,10 @@ def file_type_of(plan: Plan) -> gguf.LlamaFileType:
 
 def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan) -> None:
     """ewq.* keys: enough to print the plan back (inspect) and to reuse it (convert --plan FILE.gguf)."""
-    writer.add_string("ewq.version", __version__)
-    writer.add_string("ewq.method", plan.method)
-    writer.add_string("ewq.params", json.dumps(plan.params))
-    writer.add_string("ewq.plan", plan.to_json(indent=None))
+    writer.add_string(KEY_EWQ_VERSION, __version__)
+    writer.add_string(KEY_EWQ_METHOD, plan.method)
+    writer.add_string(KEY_EWQ_PARAMS, json.dumps(plan.params))
+    writer.add_string(KEY_EWQ_PLAN, plan.to_json(indent=None))
     writer.add_file_type(file_type_of(plan))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

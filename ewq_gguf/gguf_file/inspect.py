@@ -2,56 +2,46 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import gguf
+from gguf.constants import Keys
 
 from ..constants import KEY_EWQ_PLAN
-from ..errors import InputError
 from ..plan import Plan
+from .read import read_gguf
 
-
-def field_value(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
+# The tokenizer's scalars worth showing; its arrays (tokens, merges, scores) would drown the summary.
+SHOWN_TOKENIZER_KEYS = (Keys.Tokenizer.MODEL, Keys.Tokenizer.PRE, Keys.Tokenizer.BOS_ID, Keys.Tokenizer.EOS_ID,
+                        Keys.Tokenizer.ADD_BOS)
 
 
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
     """A JSON-ready summary of a GGUF file (ours or anyone's)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct.error/... on malformed files
-        raise InputError(f"{path}: not a readable GGUF file ({exc})") from exc
-    n_params = sum(math.prod(int(d) for d in tensor.shape) for tensor in reader.tensors)
-    tensor_bytes = sum(int(tensor.n_bytes) for tensor in reader.tensors)
-    types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    gguf = read_gguf(path)
+    n_params = sum(tensor.n_elements for tensor in gguf.tensors)
+    tensor_bytes = sum(tensor.n_bytes for tensor in gguf.tensors)
+    types = Counter(tensor.type_name for tensor in gguf.tensors)
     metadata = {}
-    for key in reader.fields:
-        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key not in (
-                "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token") or key == KEY_EWQ_PLAN:
+    for key in gguf.metadata:
+        if key.startswith("tokenizer.ggml.") and key not in SHOWN_TOKENIZER_KEYS or key == KEY_EWQ_PLAN:
             continue
-        value = field_value(reader, key)
+        value = gguf.value(key)
         metadata[key] = value if not isinstance(value, str) or len(value) < 200 else value[:200] + "..."
-    plan_json = field_value(reader, KEY_EWQ_PLAN)
+    plan_json = gguf.metadata.get(KEY_EWQ_PLAN)
     return {
-        "file": str(path),
-        "bytes": path.stat().st_size,
-        "architecture": field_value(reader, "general.architecture"),
-        "tensors": len(reader.tensors),
+        "file": str(gguf.path),
+        "bytes": gguf.file_size,
+        "architecture": gguf.metadata.get(Keys.General.ARCHITECTURE),
+        "tensors": len(gguf.tensors),
         "parameters": n_params,
         "tensor_bytes": tensor_bytes,
         "bpw": 8 * tensor_bytes / max(1, n_params),
         "types": dict(types.most_common()),
         "metadata": metadata,
         "plan": json.loads(plan_json) if plan_json else None,
-        "tensor_types": {tensor.name: tensor.tensor_type.name for tensor in reader.tensors},
+        "tensor_types": {tensor.name: tensor.type_name for tensor in gguf.tensors},
     }
 
 

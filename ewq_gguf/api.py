@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import gguf
-import numpy as np
-
 from .analyse import Analysis, analyze
 from .device import resolve_device
 from .calibrate import Calibration, load_importance
 from .errors import InputError
+from .gguf_file.header import planned_file_size
 from .calibrate.imatrix import ImportanceMatrix
 from .constants import DEFAULT_EVALUATION_CTX, DEFAULT_TIER_TYPES
 from .plan import Plan
@@ -28,7 +26,6 @@ from .quant import parse_type
 from .source.model import SourceModel, open_checkpoint
 from .timing import StageTimes
 from .write import check_output, parse_size, write_gguf
-from .write.file import add_plan_metadata
 
 METHODS = ("ewq", "fastewq", "zd", "lim", "optimal", "uniform")
 
@@ -119,26 +116,6 @@ def make_plan(model: SourceModel, method: Optional[str] = None, *, type: Optiona
                                entropy=entropy or ewq_method.DEFAULT_ENTROPY,
                                direction=direction or ewq_method.DEFAULT_DIRECTION,
                                embed_type=embed_type, output_type=output_type)
-
-
-def planned_file_size(model: SourceModel, plan: Plan) -> int:
-    """The exact size of the GGUF file write_gguf would produce: the header, metadata and tensor table are written
-    to a scratch file the way write_gguf writes them, then each tensor's data is added with its alignment padding."""
-    with tempfile.TemporaryDirectory(prefix="ewq-gguf-size-") as scratch:
-        path = Path(scratch) / "header.gguf"
-        writer = gguf.GGUFWriter(path, model.adapter.arch_name)
-        model.add_metadata(writer)
-        add_plan_metadata(writer, plan)
-        for entry in plan.entries:
-            writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType[entry.type])
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
-        align = writer.data_alignment
-        return gguf.GGUFWriter.ggml_pad(path.stat().st_size, align) + sum(
-            gguf.GGUFWriter.ggml_pad(entry.nbytes, align) for entry in plan.entries)
 
 
 def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None, *, type: Optional[str] = None,

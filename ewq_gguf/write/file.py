@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import inspect
-import json
 import os
 import queue
 import re
@@ -30,9 +29,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from .. import __version__
-from ..constants import KEY_EWQ_METHOD, KEY_EWQ_PARAMS, KEY_EWQ_PLAN, KEY_EWQ_VERSION
 from ..errors import EwqGgufError, InputError, OutputError
+from ..gguf_file.header import add_header, file_size
 from ..plan import Plan
 from ..progress import progress_bar
 from ..quant import quantize, row_nbytes
@@ -41,18 +39,6 @@ from ..timing import StageTimes
 
 # Rows quantized per step: bounds the float32 working copy (~64 MiB) whatever the tensor size.
 CHUNK_ELEMENTS = 1 << 24
-
-FILE_TYPES = {
-    QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileType.MOSTLY_F16,
-    QType.BF16: gguf.LlamaFileType.MOSTLY_BF16, QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-    QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-    QType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
-    QType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, QType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S,
-    QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
-    QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, QType.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
-    QType.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS,
-}
-
 
 @dataclass(frozen=True)
 class WrittenFile:
@@ -79,27 +65,6 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise InputError(f"size '{size}' must be positive")
     return value
-
-
-def file_type_of(plan: Plan) -> gguf.LlamaFileType:
-    """general.file_type: the type holding most of the 2-D weights' parameters (llama.cpp's label for a mix)."""
-    weights: dict[str, int] = {}
-    for entry in plan.entries:
-        if len(entry.shape) >= 2:
-            weights[entry.requested] = weights.get(entry.requested, 0) + entry.numel
-    if not weights:
-        return gguf.LlamaFileType.ALL_F32
-    return FILE_TYPES[QType[max(weights, key=weights.get)]]
-
-
-def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan) -> None:
-    """ewq.* keys: enough to print the plan back (inspect) and to reuse it (convert --plan FILE.gguf)."""
-    writer.add_string(KEY_EWQ_VERSION, __version__)
-    writer.add_string(KEY_EWQ_METHOD, plan.method)
-    writer.add_string(KEY_EWQ_PARAMS, json.dumps(plan.params))
-    writer.add_string(KEY_EWQ_PLAN, plan.to_json(indent=None))
-    writer.add_file_type(file_type_of(plan))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -177,8 +142,7 @@ class _PartsWriter(gguf.GGUFWriter):
         remaining = 0
         for fout, tensors in zip(self.fout or [], self.tensors):
             written = fout.tell()
-            remaining += self.ggml_pad(written, self.data_alignment) - written
-            remaining += sum(self.ggml_pad(info.nbytes, self.data_alignment) for info in tensors.values())
+            remaining += file_size(written, (info.nbytes for info in tensors.values()), self.data_alignment) - written
         return remaining
 
 
@@ -194,10 +158,7 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     out = Path(out)
     check_output(out, force)
     writer = _PartsWriter(out, model.adapter.arch_name, parse_size(split_max_size) if split_max_size else 0)
-    model.add_metadata(writer)
-    add_plan_metadata(writer, plan)
-    for entry in plan.entries:
-        writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=QType[entry.type])
+    add_header(writer, model, plan)
     if len(writer.tensors) == 1:
         writer.split_max_size = 0   # fits in one file; gguf-py would log a warning about not splitting
     finals, temps = writer.final_paths(), writer.format_shard_names(out)

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import ewq_gguf.write.encode as encode_module
 import ewq_gguf.write.file as write_module
 from ewq_gguf.api import convert
 from ewq_gguf.constants import KEY_EWQ_PLAN
@@ -524,7 +525,7 @@ def test_bad_split_size_refused_before_reading(tiny_llama, out_dir):
 def test_encode_tensor_rows_in_chunks_match_one_pass(monkeypatch):
     """A tensor larger than one chunk is encoded chunk by chunk into one buffer, byte-identical to a single pass."""
     rows = torch.randn(300, 256)
-    whole = write_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
-    monkeypatch.setattr(write_module, "CHUNK_ELEMENTS", 256 * 7)
-    chunked = write_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
+    whole = encode_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
+    monkeypatch.setattr(encode_module, "CHUNK_ELEMENTS", 256 * 7)
+    chunked = encode_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
     assert chunked.dtype == np.uint8 and np.array_equal(whole, chunked)

@@ -83,7 +83,7 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     backend: "auto", "torch" or "ggml" (see the module's notes; every one gives the same bytes). F32/F16/BF16 are
     plain casts, done by torch whatever the backend. threads: the ggml backend's threads (all CPUs of the process
     when None); torch uses its own setting.
-    All-finite input is the caller's contract (write.encode_tensor checks it once, on the stored dtype).
+    All-finite input is the caller's contract (write.encode.encode_tensor checks it once, on the stored dtype).
     """
     if rows.dim() != 2:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(rows.shape)}")

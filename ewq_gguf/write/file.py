@@ -1,11 +1,11 @@
-"""WRITE: stream tensors through a Plan into a GGUF file (or llama.cpp's split layout), safely.
+"""Writing a GGUF file, or llama.cpp's split parts, so that a final name only ever holds a complete, checked file.
 
-Every file is written under a unique temporary name beside its final one, re-read with the project's own GGUF header
-reader (not gguf-py's GGUFReader: see verify) and checked against the plan, then put in place in one step: a final
-file either does not exist or is complete, and two conversions writing the same OUT at once never mix their bytes.
-Ctrl-C, SIGTERM and write errors (a full disk) remove the temporaries; a signal the process was started with ignored
-stays ignored. Loading and quantizing the next tensor run on a background thread while the current one is
-written; memory holds a few tensors at a time, whatever the size of the checkpoint.
+Each part is written under a unique temporary name beside its final one: first the header (gguf_file.header), then,
+once the free space is known to hold the rest, the tensors in plan order as encode.py produces them. The parts are
+flushed to disk, re-read with the project's GGUF header reader and checked against the plan (verify), and each is
+renamed onto its final name in one step; without --force a final name that appeared meanwhile (another conversion to
+the same OUT) is left alone, so two conversions never mix their bytes. Ctrl-C and SIGTERM (signals.py) and write
+errors remove the temporaries.
 """
 from __future__ import annotations
 
@@ -13,32 +13,27 @@ import errno
 import importlib.metadata
 import inspect
 import os
-import queue
 import re
 import shutil
-import signal
-import threading
 import uuid
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QType
 
 from ..errors import EwqGgufError, InputError, OutputError
 from ..gguf_file.header import add_header, file_size
 from ..plan import Plan
 from ..progress import progress_bar
-from ..quant import quantize, row_nbytes
 from ..source.model import SourceModel
 from ..timing import StageTimes
+from .encode import encoded_tensors
+from .signals import SignalGuard
 
-# Rows quantized per step: bounds the float32 working copy (~64 MiB) whatever the tensor size.
-CHUNK_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class WrittenFile:
@@ -165,7 +160,7 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     for final in finals:
         check_output(final, force)
     times = StageTimes() if times is None else times
-    with _SignalGuard().active() as signals:
+    with SignalGuard().active() as signals:
         try:
             _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals, times)
             with times.measure("verify"):
@@ -184,7 +179,7 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
 
 
 def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, device: torch.device,
-            importance: dict[str, torch.Tensor], progress: bool, signals: _SignalGuard, times: StageTimes) -> None:
+            importance: dict[str, torch.Tensor], progress: bool, signals: SignalGuard, times: StageTimes) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -195,12 +190,12 @@ def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, 
                           f"{free / 1e9:.2f} GB free")
     bar = progress_bar(total=plan.tensor_bytes, desc="writing", unit="B", unit_scale=True, enabled=progress)
     # closing: on any exit the generator's background thread is stopped before the temporaries are removed
-    with bar, closing(_encoded_tensors(model, plan, device, importance, times)) as encoded_tensors:
-        for encoded in encoded_tensors:
+    with bar, closing(encoded_tensors(model, plan, device, importance, times)) as encoded:
+        for tensor_bytes in encoded:
             signals.check()
             with times.measure("write"):
-                writer.write_tensor_data(encoded)
-            bar.update(encoded.nbytes)
+                writer.write_tensor_data(tensor_bytes)
+            bar.update(tensor_bytes.nbytes)
     with times.measure("write"):
         for fout in writer.fout or []:
             fout.flush()
@@ -238,73 +233,6 @@ def _put_in_place(temps: Sequence[Path], finals: Sequence[Path], force: bool) ->
                           "same output?); it was left as it is (use --force to overwrite)") from None
 
 
-def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.device,
-                  importance: Optional[torch.Tensor] = None) -> np.ndarray:
-    """A tensor's bytes in qtype, quantized on `device` a bounded chunk of rows at a time into one output buffer."""
-    rows = tensor.reshape(-1, tensor.shape[-1])
-    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-    encoded = np.empty((rows.shape[0], row_nbytes(qtype, rows.shape[1])), dtype=np.uint8)
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step].to(device=device, non_blocking=True)
-        if not bool(torch.isfinite(chunk).all()):
-            raise InputError(f"tensor '{name}' contains NaN or Inf values; refusing to write it")
-        encoded[start:start + step] = quantize(chunk, qtype, importance).cpu().numpy()
-    return encoded
-
-
-def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
-                     importance: dict[str, torch.Tensor], times: StageTimes) -> Iterator[np.ndarray]:
-    """Encoded tensors in plan order, produced one ahead on a background thread.
-
-    At most three encoded tensors exist at once (being written, queued, just made) and one source tensor.
-    """
-    results: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce() -> None:
-        if device.type == "cpu":
-            # This thread only: float casts are memory-bound and the ggml quantizer brings its own threads, while
-            # torch's intra-op threads on a busy machine made BF16 conversion 2-3x slower (measured).
-            torch.set_num_threads(1)
-        try:
-            for entry in plan.entries:
-                if stop.is_set():
-                    return
-                with times.measure("read"):
-                    tensor = model.load(model.by_name[entry.name])
-                if list(tensor.shape) != entry.shape:
-                    raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says {entry.shape}")
-                with times.measure("quantize"):
-                    encoded = encode_tensor(tensor, QType[entry.type], entry.name, device, importance.get(entry.name))
-                del tensor      # the source is not kept while waiting for the queue
-                results.put(encoded)
-            results.put(None)
-        except BaseException as exc:  # handed to the writing thread, which raises it
-            results.put(exc)
-
-    worker = threading.Thread(target=produce, name="ewq-encode", daemon=True)
-    worker.start()
-    try:
-        while True:
-            try:
-                # a timeout, so that a signal taken by another thread still reaches this one's handler promptly
-                item = results.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                results.get(timeout=0.1)
-            except queue.Empty:
-                pass
-
-
 def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
     """Re-read the written file (or every part of a split) and check each tensor's name, type and size against the
     plan, that all tensor data the header promises is in the file, and a split's split.* keys against its parts.
@@ -336,62 +264,3 @@ def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
             raise OutputError(f"the written file does not match the plan at tensor '{entry.name}'")
     if len(found) != len(plan.entries):
         raise OutputError("the written file holds tensors the plan does not name")
-
-
-class Interrupted(OutputError):
-    """SIGTERM or Ctrl-C arrived while writing; exits as a process killed by that signal would report it."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; nothing was written")
-        self.exit_code = 128 + signum
-
-
-INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class _SignalGuard:
-    """While active, SIGTERM and SIGINT raise Interrupted, so that the temporary files are removed on the way out.
-
-    The exception is raised wherever the main thread is, and code that catches every Exception there (tqdm does,
-    starting its monitor thread) would swallow it, so the signal is also recorded and `check()` raises it again at
-    the writer's safe points. After `hold()` (putting files in place, cleaning up: work that must finish) a signal
-    is only recorded; unless the write is already ending with Interrupted, it is raised again under the previous
-    handlers when the guard ends. A signal that is ignored when the guard starts gets no handler: it stays ignored,
-    so it is never recorded or raised again either.
-    """
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None     # the first signal, raised as Interrupted
-        self.held: Optional[int] = None         # a signal that came while holding
-        self.holding = False
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise Interrupted(self.received)
-
-    def hold(self) -> None:
-        self.holding = True
-
-    def _interrupt(self, signum: int, frame: object) -> None:
-        if self.holding:
-            self.held = self.held or signum
-            return
-        self.received = self.received or signum
-        raise Interrupted(signum)
-
-    @contextmanager
-    def active(self) -> Iterator["_SignalGuard"]:
-        if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
-            yield self
-            return
-        # A signal the process was started with ignored (`cmd &` in a script, nohup) stays ignored: whoever
-        # started us asked for this run not to be interrupted by it.
-        previous = {sig: signal.signal(sig, self._interrupt) for sig in INTERRUPTING_SIGNALS
-                    if signal.getsignal(sig) is not signal.SIG_IGN}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if self.held is not None and self.received is None:
-                signal.raise_signal(self.held)

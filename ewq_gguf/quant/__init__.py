@@ -1,8 +1,10 @@
 """QUANTIZE: tensors in, GGUF bytes out, on whatever torch device the rows live on.
 
-Pure by design: this package knows no file, model or plan. One codec module per type family registers its
-encoders in ``CODECS``; everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
-derived here from gguf-py's block table so that planners can ask for sizes without producing bytes.
+Pure by design: this package knows no file, model or plan. One codec module per type family (floats, legacy,
+kquants_affine, kquants_symmetric, iq4) registers its encoders in ``CODECS``; they share ggml_arithmetic (float32 as
+ggml's C code computes it), scale_search (ggml's scale searches), packing (block fields as bytes) and chunking (how
+rows are cut). Everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is derived here
+from gguf-py's block table so that planners can ask for sizes without producing bytes.
 
 Every backend gives the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
 ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads; on

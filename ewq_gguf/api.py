@@ -126,8 +126,9 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
             text: Optional[str | Path] = None, ollama_modelfile: bool = False, **options: Any) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder into a GGUF file at `out`.
 
-    method: ewq (the default), fastewq, zd or uniform (the default when `type` is given); `options` are
-    make_plan's (types, k, fraction, entropy, direction, embed_type, output_type, analysis, classifier).
+    method: ewq (the default), fastewq, zd, lim, optimal, or uniform (the default when `type` is given); `options`
+    are make_plan's (types, k, fraction, entropy, direction, embed_type, output_type, analysis, classifier,
+    calibration, target_size, target_bpw, metric), each taken only by the methods METHOD_OPTIONS names.
     A dry run decides the plan and computes the exact file size without writing it.
     allow_pickle: read pytorch_model*.bin checkpoints (torch.load weights_only) when no safetensors exist.
     split_max_size: bytes of tensor data per file (or text like '2G'); larger outputs are written as llama.cpp's

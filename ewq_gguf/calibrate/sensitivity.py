@@ -1,4 +1,4 @@
-"""Sensitivity of the model's output to noise in one weight (the linearity theorem's alpha, METHODS.md section 4).
+"""Sensitivity of the model's output to noise in one weight (the linearity theorem's alpha, see plan/optimal.py).
 
 For a weight W, Gaussian noise E scaled to ||E|| = t ||W|| exactly is added, the model runs on the sensitivity
 tokens, and the mean KL(base || noisy) per token is measured, for each noise level t. The slope of KL against t^2

@@ -1,6 +1,7 @@
-"""VALIDATE: perplexity and KL divergence of GGUF files through llama.cpp, and Ollama Modelfiles.
+"""VALIDATE: perplexity and KL divergence of GGUF files through llama.cpp.
 
-This package reads GGUF files only and never imports the converter, so it judges any GGUF, ours or llama.cpp's.
+This package reads GGUF files only (through gguf_file) and never imports the converter, so it judges any GGUF, ours
+or llama.cpp's.
 """
 from ewq_gguf.validate.compare import (
     CompareReport,

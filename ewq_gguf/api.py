@@ -9,19 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import gguf
-import numpy as np
-
 from .calibrate import Calibration, load_importance
 from .device import resolve_device
 from .errors import InputError
-from .imatrix import ImportanceMatrix
+from .gguf_file.header import planned_file_size
+from .calibrate.imatrix import ImportanceMatrix
+from .constants import DEFAULT_EVALUATION_CTX
 from .plan import Plan
 from .plan.registry import TYPE_ONLY_METHOD, PlanContext, planner_for
 from .plan.reuse import plan_from_file
 from .source.model import SourceModel, open_checkpoint
 from .timing import StageTimes
-from .write import add_plan_metadata, check_output, parse_size, write_gguf
+from .write import check_output, parse_size, write_gguf
 
 
 @dataclass(frozen=True)
@@ -60,26 +59,6 @@ def make_plan(model: SourceModel, method: Optional[str] = None, *, plan: Optiona
     return planner.make(model, planner.options_from(given), context)
 
 
-def planned_file_size(model: SourceModel, plan: Plan) -> int:
-    """The exact size of the GGUF file write_gguf would produce: the header, metadata and tensor table are written
-    to a scratch file the way write_gguf writes them, then each tensor's data is added with its alignment padding."""
-    with tempfile.TemporaryDirectory(prefix="ewq-gguf-size-") as scratch:
-        path = Path(scratch) / "header.gguf"
-        writer = gguf.GGUFWriter(path, model.adapter.arch_name)
-        model.add_metadata(writer)
-        add_plan_metadata(writer, plan)
-        for entry in plan.entries:
-            writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes,
-                                   raw_dtype=entry.type)
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
-        align = writer.data_alignment
-        return gguf.GGUFWriter.ggml_pad(path.stat().st_size, align) + sum(
-            gguf.GGUFWriter.ggml_pad(entry.nbytes, align) for entry in plan.entries)
-
-
 def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None, *, device: str = "auto", force: bool = False, plan: Optional[str | Path] = None,
             plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
             allow_pickle: bool = False, split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
@@ -110,7 +89,7 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
                                   progress=progress) if validate else None
     modelfile = None
     if ollama_modelfile:
-        from .validate import write_ollama_modelfile
+        from .write import write_ollama_modelfile
 
         modelfile = write_ollama_modelfile(result.path)
     return dataclasses.replace(result, validation=validation, modelfile=modelfile)
@@ -156,7 +135,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
 
 
 def validate_written(model_dir: str | Path, written: Path, *, base: Optional[str | Path] = None,
-                     text: Optional[str | Path] = None, ctx: int = 512, chunks: Optional[int] = None,
+                     text: Optional[str | Path] = None, ctx: int = DEFAULT_EVALUATION_CTX, chunks: Optional[int] = None,
                      allow_pickle: bool = False, progress: bool = True) -> list:
     """Compare a freshly written GGUF with a reference through llama.cpp: KLD, top-1 agreement and PPL.
 

@@ -10,6 +10,9 @@ from typing import Any, Callable, Optional
 
 import click
 
+from .constants import (COMPUTE_DTYPES, DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS, DEFAULT_EVALUATION_CTX,
+                        DEFAULT_NOISE_LEVELS, DEFAULT_SENSITIVITY_METHOD, DEFAULT_SENSITIVITY_TOKENS, DEVICE_CHOICES,
+                        NOISE_SEQUENCE, SENSITIVITY_METHODS)
 from .errors import EwqGgufError
 
 
@@ -109,7 +112,7 @@ def ewq_settings(*names: str) -> Callable[[], list[click.Option]]:
               help="Importance-weighted quantization (any method) with the vectors of a calibration JSON or of a "
                    "llama-imatrix file (GGUF or legacy .dat); 'unit': equal importance for every column, no data "
                    "needed (ggml's error-minimizing search, lower error than plain encoding at the same size).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES))
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Reuse a plan: a plan JSON, or a GGUF file whose per-tensor types are copied.")
 @click.option("--plan-out", type=click.Path(dir_okay=False),
@@ -162,7 +165,7 @@ def convert(model_dir: str, out: str, imatrix_file: str | None, device: str, pla
 
 @main.command(cls=PlannerOptionsCommand, planner_options=ewq_settings("entropy", "k", "direction", "types"))
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Save the analysis as JSON (for convert --analysis and fastewq train).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Save a per-block chart to this PNG (needs matplotlib).")
@@ -194,22 +197,24 @@ def analyze(model_dir: str, entropy: str, k: float, direction: str, types: str, 
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--text", type=click.Path(dir_okay=False),
               help="Calibration text, UTF-8 (.gz ok). Default: real English text found on this machine.")
-@click.option("--tokens", default=32768, show_default=True, help="Tokens the activations (imatrix, LIM) are "
-                                                                 "collected over.")
-@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
-@click.option("--sensitivity", "sensitivity_method", default="fisher", show_default=True,
-              type=click.Choice(["fisher", "noise"]),
+@click.option("--tokens", default=DEFAULT_CALIBRATION_TOKENS, show_default=True,
+              help="Tokens the activations (imatrix, LIM) are collected over.")
+@click.option("--ctx", default=DEFAULT_CALIBRATION_CTX, show_default=True, help="Tokens per chunk.")
+@click.option("--sensitivity", "sensitivity_method", default=DEFAULT_SENSITIVITY_METHOD, show_default=True,
+              type=click.Choice(SENSITIVITY_METHODS),
               help="How each weight's sensitivity is measured: fisher (gradients, one block in memory at a time) or "
                    "noise (noise injection into each weight, the whole model in float32 in memory; the reference).")
-@click.option("--sensitivity-tokens", type=int, help="Tokens the sensitivities rest on. [default: 4096 for fisher, "
-                                                     "128 for noise (sequences of 128)]")
-@click.option("--noise-levels", default="0.05,0.1", show_default=True,
+@click.option("--sensitivity-tokens", type=int,
+              help="Tokens the sensitivities rest on. [default: " + ", ".join(
+                  f"{tokens} for {method}" for method, tokens in DEFAULT_SENSITIVITY_TOKENS.items())
+                   + f" (noise: in sequences of {NOISE_SEQUENCE})]")
+@click.option("--noise-levels", default=",".join(str(level) for level in DEFAULT_NOISE_LEVELS), show_default=True,
               help="Relative noise sizes t (||noise|| / ||W||) the sensitivity slope is fitted over.")
 @click.option("--no-errors", is_flag=True, help="Skip the quantization error tables (the optimal planner then "
                                                 "measures them at every conversion).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES))
 @click.option("--threads", type=int, help="CPU threads for torch. [default: torch's choice]")
-@click.option("--compute-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+@click.option("--compute-dtype", default="auto", show_default=True, type=click.Choice(COMPUTE_DTYPES),
               help="The blocks' arithmetic; auto: bfloat16 for a bfloat16 checkpoint on a GPU or a CPU with "
                    "AVX512-BF16/AMX (about 3x float32's rate), else float32.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
@@ -281,7 +286,7 @@ def fastewq_train(analyses: tuple[str, ...], out: str, entropy: str, k: float, d
 @reports_errors
 def inspect(file: str, as_json: bool) -> None:
     """Show a GGUF file's metadata, type histogram, bits per weight and recorded plan."""
-    from .inspect import format_inspection, inspect_gguf
+    from .gguf_file.inspect import format_inspection, inspect_gguf
 
     summary = inspect_gguf(file)
     click.echo(json.dumps(summary, indent=1) if as_json else format_inspection(summary))
@@ -294,7 +299,8 @@ _GPU_HELP = "Layers offloaded to the GPU, -1 for all. Default: all when llama-cp
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--text", type=click.Path(dir_okay=False), help=_TEXT_HELP)
-@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
+@click.option("--ctx", default=DEFAULT_EVALUATION_CTX, show_default=True,
+              help="Tokens per chunk; the second half of each is scored.")
 @click.option("--chunks", type=int, help="Score only the first N chunks. Default: the whole text.")
 @click.option("--gpu-layers", type=int, help=_GPU_HELP)
 @click.option("--threads", type=int, help="CPU threads. Default: every core this process may use.")
@@ -313,7 +319,8 @@ def perplexity(file: str, text: str | None, ctx: int, chunks: int | None, gpu_la
 @click.argument("base", type=click.Path(dir_okay=False))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--text", type=click.Path(dir_okay=False), help=_TEXT_HELP)
-@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
+@click.option("--ctx", default=DEFAULT_EVALUATION_CTX, show_default=True,
+              help="Tokens per chunk; the second half of each is scored.")
 @click.option("--chunks", type=int, help="Score only the first N chunks. Default: the whole text.")
 @click.option("--gpu-layers", type=int, help=_GPU_HELP)
 @click.option("--threads", type=int, help="CPU threads. Default: every core this process may use.")

@@ -5,8 +5,6 @@ import torch
 
 from .errors import InputError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":

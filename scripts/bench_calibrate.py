@@ -26,6 +26,7 @@ from results_file import cpu_name, shown, shown_arguments, update_section  # noq
 
 from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.api import convert  # noqa: E402
+from ewq_gguf.constants import DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS  # noqa: E402
 from ewq_gguf.devenv import dev_model  # noqa: E402
 
 DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
@@ -35,8 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=dev_model("qwen25"))
     parser.add_argument("--work", type=Path, default=Path("out/bench-calibrate"))
-    parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CALIBRATION_CTX)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--results", type=Path, default=Path("docs/results.md"))

@@ -42,7 +42,8 @@ from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.api import convert  # noqa: E402
 from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
 from ewq_gguf.devenv import dev_model  # noqa: E402
-from ewq_gguf.imatrix import ImportanceMatrix  # noqa: E402
+from ewq_gguf.calibrate.imatrix import ImportanceMatrix  # noqa: E402
+from ewq_gguf.constants import DEFAULT_CALIBRATION_TOKENS  # noqa: E402
 from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld  # noqa: E402
 from ewq_gguf.plan.plan import Plan  # noqa: E402
 from ewq_gguf.plan.reuse import plan_from_file  # noqa: E402
@@ -56,7 +57,6 @@ KQUANT_CANDIDATES = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16"
 EXTRA_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")
 CANDIDATE_SETS = {"all": None, "k-quants": KQUANT_CANDIDATES}   # label -> --types (None: the default candidates)
 DEFAULT_CHUNKS = 40
-DEFAULT_TOKENS = 32768
 LINEARITY_BPW = "4.25,4.75,5.25,6.0,7.0"
 LINEARITY_UNIFORM = "Q4_0,Q4_1,Q5_0,Q8_0"
 SMALL_ERROR = 0.1      # predicted KLD below which the linear regime is summarised
@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(dev_model("smollm2")))
     parser.add_argument("--work", default="out/bench-optimal")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens for both tools")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, help="calibration tokens for both tools")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="evaluation chunks of --ctx tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared CPU runs faster on fewer)")
@@ -283,7 +283,7 @@ def print_and_write(args, rows: list[Row], measured, predictions, timing, agreem
 
     body = "\n".join([
         f"Model {model_name}; calibration: first half of the Debian reference, {args.tokens} tokens"
-        f"{fewer(args.tokens, DEFAULT_TOKENS)} in chunks of {args.ctx} for both tools; evaluation: its last quarter, "
+        f"{fewer(args.tokens, DEFAULT_CALIBRATION_TOKENS)} in chunks of {args.ctx} for both tools; evaluation: its last quarter, "
         f"{args.chunks} x {args.ctx} tokens{fewer(args.chunks, DEFAULT_CHUNKS)}; KLD against the F32 conversion. Ours: `--method optimal --target-size <the llama.cpp file's "
         "bytes>` with two candidate sets: *all* = every type we encode (the default; MXFP4 for expert tensors only), "
         "*k-quants* = "

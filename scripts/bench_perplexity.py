@@ -93,7 +93,7 @@ def run_interleaved(steps: list[Step], repeats: int) -> dict[str, TimedRun]:
 def evaluation_text(text: Path | None) -> Path:
     """The text ewq-gguf would use. Asked in a child process: importing ewq_gguf here would make this process big,
     and every child forked from it would start with (and report as peak RSS) that size."""
-    code = "import sys; from ewq_gguf.validate.text import load_text; print(load_text(sys.argv[1] or None).source)"
+    code = "import sys; from ewq_gguf.text import load_text; print(load_text(sys.argv[1] or None).source)"
     found = subprocess.run([sys.executable, "-c", code, str(text or "")], capture_output=True, text=True, cwd=REPO_DIR)
     if found.returncode != 0:
         raise SystemExit(found.stderr.strip().splitlines()[-1])

@@ -34,21 +34,25 @@ from results_file import cpu_name, shown, shown_arguments, update_section  # noq
 from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.api import convert  # noqa: E402
 from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
+from ewq_gguf.constants import (DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS, DEFAULT_SENSITIVITY_TOKENS,  # noqa: E402
+                                SENSITIVITY_METHODS)
 from ewq_gguf.devenv import dev_model  # noqa: E402
 
 PEER_MIXES = ("Q3_K_M", "Q4_K_M")
-METHODS = ("fisher", "noise")
+NOISE_TOKENS = DEFAULT_SENSITIVITY_TOKENS["noise"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=dev_model("smollm2"))
     parser.add_argument("--work", type=Path, default=Path("out/bench-sensitivity"))
-    parser.add_argument("--tokens", type=int, default=32768, help="activation tokens of both calibrations")
-    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                        help="activation tokens of both calibrations")
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CALIBRATION_CTX)
     parser.add_argument("--chunks", type=int, default=20, help="evaluation chunks of --ctx tokens")
-    parser.add_argument("--noise-tokens", type=int, default=128,
-                        help="tokens of the noise-injection reference (its default 128; more is a steadier reference)")
+    parser.add_argument("--noise-tokens", type=int, default=NOISE_TOKENS,
+                        help=f"tokens of the noise-injection reference (its default {NOISE_TOKENS}; more is a steadier "
+                             "reference)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bpw", type=lambda text: [float(v) for v in text.split(",")], default=[4.5, 5.0, 5.5, 6.0, 7.0])
     parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
@@ -66,9 +70,9 @@ def main() -> None:
         [quantize_tool, base, out, mix, str(args.threads)])) for mix in PEER_MIXES}
 
     calibrations, seconds = {}, {}
-    for method in METHODS:
+    for method in SENSITIVITY_METHODS:
         noise_tokens = {"sensitivity_tokens": args.noise_tokens} if method == "noise" else {}
-        suffix = f"-{args.noise_tokens}" if method == "noise" and args.noise_tokens != 128 else ""
+        suffix = f"-{args.noise_tokens}" if method == "noise" and args.noise_tokens != NOISE_TOKENS else ""
 
         def run(out: Path, method=method, options=noise_tokens) -> None:
             started = time.perf_counter()
@@ -83,7 +87,7 @@ def main() -> None:
     agreement = []
     for weighted in (False, True):
         values = {method: np.array([calibrations[method].alpha(name, weighted) for name in names])
-                  for method in METHODS}
+                  for method in SENSITIVITY_METHODS}
         positive = values["noise"] > 0
         ratio = values["fisher"][positive] / values["noise"][positive]
         agreement.append(f"{'alpha_weighted' if weighted else 'alpha'}: Spearman "
@@ -94,9 +98,9 @@ def main() -> None:
     targets = [(f"{mix} size", {"target_size": peers[mix].stat().st_size}) for mix in PEER_MIXES]
     targets += [(f"{bpw} bpw", {"target_bpw": bpw}) for bpw in args.bpw]
     files, plans = {}, {}
-    for method in METHODS:
+    for method in SENSITIVITY_METHODS:
         for label, target in targets:
-            suffix = f"-{args.noise_tokens}" if method == "noise" and args.noise_tokens != 128 else ""
+            suffix = f"-{args.noise_tokens}" if method == "noise" and args.noise_tokens != NOISE_TOKENS else ""
             path = work / f"{method}{suffix}-{label.replace(' ', '-')}.gguf"
             made = {}
 
@@ -114,7 +118,7 @@ def main() -> None:
     rows = ["| target | llama.cpp KLD | bytes | fisher KLD | noise KLD | fisher/noise | fisher predicted (90%) | "
             "noise predicted |", "|---|---|---|---|---|---|---|---|"]
     for label, _ in targets:
-        fisher, noise = (reports[files[method, label].name] for method in METHODS)
+        fisher, noise = (reports[files[method, label].name] for method in SENSITIVITY_METHODS)
         peer = reports[peers[label.split()[0]].name] if label.split()[0] in peers else None
         interval = plans["fisher", label].get("predicted_kld_90") or [float("nan")] * 2
         rows.append(f"| {label} | {'' if peer is None else f'{peer.kld:.5f}'} | {fisher.bytes:,} | {fisher.kld:.5f} | "
@@ -122,7 +126,7 @@ def main() -> None:
                     f"{plans['fisher', label]['predicted_kld']:.5f} ({interval[0]:.5f}..{interval[1]:.5f}) | "
                     f"{plans['noise', label]['predicted_kld']:.5f} |")
     monotone = []
-    for method in METHODS:
+    for method in SENSITIVITY_METHODS:
         ordered = sorted((reports[files[method, label].name] for label, _ in targets), key=lambda report: report.bytes)
         breaks = [f"{a.bytes:,} B: {a.kld:.5f} < {b.bytes:,} B: {b.kld:.5f}" for a, b in zip(ordered, ordered[1:])
                   if b.kld > a.kld]
@@ -131,7 +135,7 @@ def main() -> None:
     load = Path("/proc/loadavg").read_text().split()[0]
     timing = "; ".join(f"{method} {seconds[method]['wall']:.0f} s ("
                        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds[method].items() if k != "wall") + ")"
-                       for method in METHODS)
+                       for method in SENSITIVITY_METHODS)
     body = "\n".join([
         f"Model {shown(args.model)}; calibration: first half of Debian's reference manual, {args.tokens} tokens in "
         f"chunks of {args.ctx} (fisher: gradients over {calibrations['fisher'].sensitivity_tokens} tokens; noise: "
@@ -142,7 +146,7 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        reference = f", noise on {args.noise_tokens} tokens" if args.noise_tokens != 128 else ""
+        reference = f", noise on {args.noise_tokens} tokens" if args.noise_tokens != NOISE_TOKENS else ""
         update_section(args.results, f"Sensitivities: gradients vs noise: {args.model.name}{reference}", body,
                        "python " + shown_arguments(sys.argv))
 

@@ -41,7 +41,7 @@ def test_public_names_are_documented_and_typed():
 def test_import_and_validation_commands_do_not_load_torch():
     # `ewq-gguf perplexity` / `inspect` start in a fraction of a second only if torch (~2 s to import) stays out
     script = (
-        "import sys, ewq_gguf, ewq_gguf.cli, ewq_gguf.validate, ewq_gguf.inspect\n"
+        "import sys, ewq_gguf, ewq_gguf.cli, ewq_gguf.validate, ewq_gguf.gguf_file.inspect\n"
         "assert callable(ewq_gguf.perplexity) and callable(ewq_gguf.compare)\n"
         "heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"

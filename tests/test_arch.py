@@ -24,7 +24,7 @@ from llama_runner import gguf_logits, relative_error
 from tiny_models import TINY, make_tiny_model, read_config
 
 # tokenisation of text is tested elsewhere; these tests feed token ids
-pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.tokenizer.TokenizerWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")
 
 SHORT = 40
 LONG = 300   # beyond the longrope variant's original context (256), so llama.cpp and HF both use the long factors

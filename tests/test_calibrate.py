@@ -16,7 +16,7 @@ from ewq_gguf.calibrate import Calibration, calibrate, load_importance
 from ewq_gguf.calibrate.runner import ModelRunner, calibration_tokens
 from ewq_gguf.calibrate.sensitivity import measure_sensitivities, slope_through_origin
 from ewq_gguf.errors import InputError
-from ewq_gguf.imatrix import ImportanceMatrix
+from ewq_gguf.calibrate.imatrix import ImportanceMatrix
 from ewq_gguf.plan.display import format_plan_summary
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ewq_gguf.api import make_plan, planned_file_size
+from ewq_gguf.api import make_plan
 from ewq_gguf.calibrate import CalibrationWarning, calibrate
 from ewq_gguf.calibrate.quant_error import relative_errors
 from ewq_gguf.calibrate.runner import _placement
 from ewq_gguf.errors import InputError
+from ewq_gguf.gguf_file.header import planned_file_size
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint
 from tiny_models import make_tiny_model

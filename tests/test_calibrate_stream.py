@@ -14,7 +14,8 @@ from ewq_gguf.calibrate import calibrate
 from ewq_gguf.calibrate.runner import calibration_tokens
 from ewq_gguf.calibrate.stream import StreamedModel
 from ewq_gguf.calibrate.workfolder import work_folder_for
-from ewq_gguf.source.model import TOKEN_EMBEDDING, open_checkpoint
+from ewq_gguf.constants import TOKEN_EMBEDDING
+from ewq_gguf.source.model import open_checkpoint
 from tiny_models import TINY, make_tiny_model
 
 TOKENS, CTX = 256, 64

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from ewq_gguf.api import convert
 from ewq_gguf.cli import main
+from ewq_gguf.constants import KEY_EWQ_PLAN
 from ewq_gguf.errors import InputError, OutputError, UnsupportedArchitectureError
 from llama_runner import gguf_logits, hf_logits, relative_error
 from tiny_models import make_tiny_model
@@ -42,7 +43,7 @@ def test_uniform_types_and_metadata(tiny_gguf):
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.block_count"].contents() == 2
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
-    plan = json.loads(reader.fields["ewq.plan"].contents())
+    plan = json.loads(reader.fields[KEY_EWQ_PLAN].contents())
     assert {e["name"] for e in plan["entries"]} == set(types)
 
 

@@ -205,7 +205,7 @@ def test_tokenizer_from_a_folder_and_a_name(tiny_folders, tmp_path):
     by_object = ewq_gguf.export(model, tokenizer, tmp_path / "a.gguf", type="F16", name="mine", progress=False)
     by_folder = ewq_gguf.export(model, source, tmp_path / "b.gguf", type="F16", name="mine", progress=False)
     assert by_object.path.read_bytes() == by_folder.path.read_bytes()
-    from ewq_gguf.validate.gguf_file import read_gguf
+    from ewq_gguf.gguf_file import read_gguf
 
     assert read_gguf(by_object.path).metadata["general.name"] == "mine"
 

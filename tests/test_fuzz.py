@@ -19,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors import safe_open
 
+from ewq_gguf.constants import KEY_EWQ_PLAN
 from ewq_gguf.plan import Plan
 from ewq_gguf.write import verify
 from test_convert import run_cli
 from test_robustness import rewrite_safetensors
 
-pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.tokenizer.TokenizerWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -62,7 +63,7 @@ def convert_and_judge(model: Path, out_dir: Path) -> None:
         result = run_cli("convert", model, out, "--type", "F16", "--quiet")
     if result.returncode == 0:
         reader = gguf.GGUFReader(out)
-        verify(out, Plan.from_dict(json.loads(reader.fields["ewq.plan"].contents())))
+        verify(out, Plan.from_dict(json.loads(reader.fields[KEY_EWQ_PLAN].contents())))
         return
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from ewq_gguf.analyse import Analysis, BlockAnalysis, analyze
 from ewq_gguf.api import convert, make_plan
 from ewq_gguf.cli import main
+from ewq_gguf.constants import KEY_EWQ_METHOD, KEY_EWQ_PLAN
 from ewq_gguf.errors import InputError
-from ewq_gguf.inspect import format_inspection, inspect_gguf
+from ewq_gguf.gguf_file.inspect import format_inspection, inspect_gguf
 from ewq_gguf.plan import Plan
 from ewq_gguf.plan.ewq import ewq_tiers, z_scores
 from ewq_gguf.plan.fastewq import FEATURES, Classifier, block_features, train
@@ -137,9 +138,9 @@ def test_ewq_convert_records_plan_in_gguf(tiny_llama, tmp_path):
     out = tmp_path / "ewq.gguf"
     result = convert(tiny_llama, out, "ewq", device="cpu", progress=False)
     reader = gguf.GGUFReader(out)
-    recorded = json.loads(reader.fields["ewq.plan"].contents())
+    recorded = json.loads(reader.fields[KEY_EWQ_PLAN].contents())
     assert recorded == json.loads(result.plan.to_json())
-    assert reader.fields["ewq.method"].contents() == "ewq"
+    assert reader.fields[KEY_EWQ_METHOD].contents() == "ewq"
     tiers = {block["block"]: block["tier"] for block in recorded["blocks"]}
     assert sorted(tiers.values()) == ["HIGH", "LOW"]       # two blocks: one above the mean, one below mu - k sigma
     written = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}

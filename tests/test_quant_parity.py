@@ -51,7 +51,7 @@ def test_bytes_match_ggml_across_scales_of_magnitude(qtype, span, device):
         assert_same_bytes(torch_bytes(rows, qtype, importance, device), reference_bytes(rows, qtype, importance))
 
 
-# Non-finite input (write.py refuses it) is matched except with an imatrix in Q2_K/Q4_K/Q5_K, whose make_qp_quants
+# Non-finite input (the writer refuses it) is matched except with an imatrix in Q2_K/Q4_K/Q5_K, whose make_qp_quants
 # pass is not reproduced for NaN scales.
 SPECIAL_CASES = [(qtype, weighting) for qtype in QUANTIZED for weighting in WEIGHTINGS[:2]
                  if not (qtype in AFFINE_K and weighting != "none")]

@@ -26,8 +26,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import ewq_gguf.write as write_module
+import ewq_gguf.write.encode as encode_module
+import ewq_gguf.write.file as write_module
 from ewq_gguf.api import convert
+from ewq_gguf.constants import KEY_EWQ_PLAN
 from ewq_gguf.errors import InputError, OutputError
 from ewq_gguf.plan import Plan
 from ewq_gguf.quant import CODECS, row_nbytes
@@ -36,7 +38,7 @@ from llama_runner import gguf_logits, relative_error
 from test_convert import CliResult, run_cli
 from tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.tokenizer.TokenizerWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")
 
 TOKENS = [(7 * i + 3) % 200 + 5 for i in range(40)]
 
@@ -469,7 +471,7 @@ def test_two_converts_to_one_output(tiny_llama, out_dir, monkeypatch, force):
         assert "appeared while this conversion was writing" in str(failures[0])
     assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
     reader = gguf.GGUFReader(out)
-    write_module.verify(out, Plan.from_dict(json.loads(reader.fields["ewq.plan"].contents())))
+    write_module.verify(out, Plan.from_dict(json.loads(reader.fields[KEY_EWQ_PLAN].contents())))
 
 
 # --- split output ------------------------------------------------------------------------------------------------
@@ -523,7 +525,7 @@ def test_bad_split_size_refused_before_reading(tiny_llama, out_dir):
 def test_encode_tensor_rows_in_chunks_match_one_pass(monkeypatch):
     """A tensor larger than one chunk is encoded chunk by chunk into one buffer, byte-identical to a single pass."""
     rows = torch.randn(300, 256)
-    whole = write_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
-    monkeypatch.setattr(write_module, "CHUNK_ELEMENTS", 256 * 7)
-    chunked = write_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
+    whole = encode_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
+    monkeypatch.setattr(encode_module, "CHUNK_ELEMENTS", 256 * 7)
+    chunked = encode_module.encode_tensor(rows, gguf.GGMLQuantizationType.Q8_0, "t", torch.device("cpu"))
     assert chunked.dtype == np.uint8 and np.array_equal(whole, chunked)

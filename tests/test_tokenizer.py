@@ -1,4 +1,4 @@
-"""ewq_gguf.tokenizer: llama.cpp, loading only the GGUF vocabulary we write, must tokenise as the HF tokenizer does.
+"""ewq_gguf.source.tokenizer: llama.cpp, loading only the GGUF vocabulary we write, must tokenise as the HF tokenizer does.
 
 Every equality check runs the real llama.cpp tokenizer (llama-cpp-python, vocab_only) on a minimal GGUF that holds
 general.architecture and the tokenizer.* keys, against tokenizer.encode on the same text, with and without the
@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ewq_gguf.errors import InputError
-from ewq_gguf.tokenizer import (PRE_TOKENIZERS, TokenizerWarning, add_tokenizer, add_tokenizer_from_hf, build_vocab,
+from ewq_gguf.source.tokenizer import (PRE_TOKENIZERS, TokenizerWarning, add_tokenizer, add_tokenizer_from_hf, build_vocab,
                                 write_vocab)
 from tiny_tokenizers import BPE_STYLES, SAMPLE_TEXT, make_bpe_tokenizer, make_spm_tokenizer
 

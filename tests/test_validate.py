@@ -1,5 +1,5 @@
 """VALIDATE: perplexity and KL divergence match direct numpy computations on llama.cpp logits; the base-logits cache
-is reused and invalidated when it must be; bad inputs give one clear error; Ollama Modelfiles; the CLI commands."""
+is reused and invalidated when it must be; bad inputs give one clear error; the CLI commands."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,12 +17,11 @@ from llama_cpp import Llama
 
 from ewq_gguf.cli import main
 from ewq_gguf.errors import EwqGgufError, InputError
-from ewq_gguf.validate import compare, format_compare_table, perplexity, plot_size_vs_kld, write_ollama_modelfile
-from ewq_gguf.validate.gguf_file import read_gguf
+from ewq_gguf.gguf_file import read_gguf
+from ewq_gguf.text import DEFAULT_TEXT_CANDIDATES, load_text
+from ewq_gguf.validate import compare, format_compare_table, perplexity, plot_size_vs_kld
 from ewq_gguf.validate.logits_cache import base_logits
-from ewq_gguf.validate.modelfile import CHATML, GEMMA, LLAMA3, MISTRAL, PHI3, detect_chat_format
 from ewq_gguf.validate.scoring import BaseScores, EncodedLogProbs, score_against_base, score_base
-from ewq_gguf.validate.text import DEFAULT_TEXT_CANDIDATES, load_text
 
 CTX = 64
 CHUNKS = 4
@@ -223,23 +222,6 @@ def test_base_logits_cache_is_reused_and_invalidated(tiny_gguf, text_file, tmp_p
     assert len(list(cache_dir.iterdir())) == 1, "one entry per base file"
 
 
-# ---------------------------------------------------------------------------------------------- GGUF header
-
-
-@pytest.mark.parametrize("type_name", ["F32", "Q8_0"])
-def test_header_reader_agrees_with_gguf_py(tiny_gguf, type_name):
-    path = tiny_gguf(type_name)
-    ours, reference = read_gguf(path), GGUFReader(path)
-    assert [(t.name, t.type_name, t.n_bytes, t.offset) for t in ours.tensors] == [
-        (t.name, t.tensor_type.name, int(t.n_bytes), int(t.data_offset) - reference.data_offset)
-        for t in reference.tensors]
-    assert ours.data_offset == reference.data_offset
-    assert ours.tokens == list(reference.fields["tokenizer.ggml.tokens"].contents())
-    assert ours.chat_template == reference.fields["tokenizer.chat_template"].contents()
-    n_weights = sum(int(t.n_elements) for t in reference.tensors)
-    assert ours.bits_per_weight == pytest.approx(8 * sum(int(t.n_bytes) for t in reference.tensors) / n_weights)
-
-
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -293,7 +275,7 @@ def test_missing_text_file(tiny_gguf, tmp_path):
 
 
 def test_no_default_text(monkeypatch, tmp_path):
-    monkeypatch.setattr("ewq_gguf.validate.text.DEFAULT_TEXT_CANDIDATES", (tmp_path / "absent.txt.gz",))
+    monkeypatch.setattr("ewq_gguf.text.DEFAULT_TEXT_CANDIDATES", (tmp_path / "absent.txt.gz",))
     with pytest.raises(InputError, match="--text"):
         load_text(None)
 
@@ -317,52 +299,6 @@ def test_vocabulary_mismatch(tiny_gguf, tmp_path, text_file, cache_dir):
 def test_bad_options(tiny_gguf, text_file, options, message):
     with pytest.raises(InputError, match=message):
         perplexity(tiny_gguf("F32"), text=text_file, progress=False, **options)
-
-
-# ---------------------------------------------------------------------------------------------- Ollama Modelfile
-
-
-@pytest.mark.parametrize("jinja, expected", [
-    ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}",
-     CHATML),
-    ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
-     "+ m['content'] + '<|eot_id|>' }}{% endfor %}", LLAMA3),
-    ("{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}"
-     "{% endfor %}", GEMMA),
-    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}"
-     "{{ m['content'] + eos_token }}{% endif %}{% endfor %}", MISTRAL),
-    ("{% for m in messages %}{% if m['role'] == 'user' %}{{'<|user|>\n' + m['content'] + '<|end|>\n<|assistant|>\n'}}"
-     "{% else %}{{ m['content'] + '<|end|>\n' }}{% endif %}{% endfor %}", PHI3),
-    ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", None),
-    (None, None),
-])
-def test_chat_format_detection(jinja, expected):
-    assert detect_chat_format(jinja) is expected
-
-
-def test_ollama_modelfile(tiny_gguf, tmp_path):
-    gguf = tmp_path / "model.gguf"
-    shutil.copyfile(tiny_gguf("F32"), gguf)
-    modelfile = write_ollama_modelfile(gguf)
-    assert modelfile == tmp_path / "model.Modelfile"
-    lines = modelfile.read_text().splitlines()
-    assert lines[0] == "FROM ./model.gguf"
-    text = modelfile.read_text()
-    assert f'TEMPLATE """{LLAMA3.template}"""' in text, "the tiny model's chat template is Llama-3 style"
-    assert 'PARAMETER stop "<|eot_id|>"' in lines
-
-
-def test_ollama_modelfile_without_known_template(tmp_path, tiny_gguf):
-    data = bytearray(tiny_gguf("F32").read_bytes())
-    key = b"tokenizer.chat_template"
-    start = data.index(key) + len(key) + 4 + 8
-    length = struct.unpack_from("<Q", data, start - 8)[0]
-    data[start:start + length] = data[start:start + length].replace(b"<|start_header_id|>", b"<|start_header_XX|>")
-    gguf = tmp_path / "plain.gguf"
-    gguf.write_bytes(bytes(data))
-    text = write_ollama_modelfile(gguf).read_text()
-    assert "TEMPLATE" not in text.replace("no TEMPLATE", "")
-    assert text.startswith("FROM ./plain.gguf\n")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

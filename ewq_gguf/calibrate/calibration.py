@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..imatrix import UNIT, ImportanceMatrix
+from .imatrix import UNIT, ImportanceMatrix
 from ..source.model import SourceModel
 
 CALIBRATION_FORMAT = 2

@@ -26,9 +26,12 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..constants import (COMPUTE_DTYPES, DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS, DEFAULT_NOISE_LEVELS,
+                         DEFAULT_SENSITIVITY_METHOD, DEFAULT_SENSITIVITY_TOKENS, NOISE_SEQUENCE,
+                         SENSITIVITY_METHODS)
 from ..device import resolve_device
 from ..errors import InputError
-from ..imatrix import ImportanceMatrix
+from .imatrix import ImportanceMatrix
 from ..progress import progress_bar
 from ..quant import CODECS, QType
 from ..source.model import SourceModel, open_checkpoint
@@ -36,27 +39,20 @@ from .calibration import CALIBRATION_FORMAT, Calibration, Sensitivity, model_fin
 from .passes import BlockPasses, chunk_alphas
 from .quant_error import DEFAULT_SAMPLE, error_tables
 from .runner import ModelRunner, calibration_tokens
-from .sensitivity import DEFAULT_NOISE_LEVELS, measure_sensitivities
+from .sensitivity import measure_sensitivities
 from .stream import StreamedModel
 from .workfolder import WorkFolder
 
-DEFAULT_TOKENS = 32768
-DEFAULT_CTX = 512
-SENSITIVITY_METHODS = ("fisher", "noise")
-COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-# tokens the sensitivities rest on, per method: a backward pass per chunk is cheap enough for thousands of tokens;
-# noise injection runs the rest of the model once per weight and noise level
-DEFAULT_SENSITIVITY_TOKENS = {"fisher": 4096, "noise": 128}
-# noise-injection sequences are short: every position counts as a sample, and attention over 128 tokens is cheap
-NOISE_SEQUENCE = 128
+# torch's dtype of each compute dtype name; None: chosen by the checkpoint and the machine (stream.py)
+TORCH_COMPUTE_DTYPES = {name: None if name == "auto" else getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 class CalibrationWarning(UserWarning):
     """The calibration measures less than was asked for (a text shorter than --tokens)."""
 
 
-def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, tokens: int = DEFAULT_TOKENS,
-              ctx: int = DEFAULT_CTX, device: str = "auto", sensitivity: str = "fisher",
+def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, tokens: int = DEFAULT_CALIBRATION_TOKENS,
+              ctx: int = DEFAULT_CALIBRATION_CTX, device: str = "auto", sensitivity: str = DEFAULT_SENSITIVITY_METHOD,
               sensitivity_tokens: Optional[int] = None, noise_levels: Sequence[float] = DEFAULT_NOISE_LEVELS,
               error_types: Sequence[QType] = tuple(CODECS), error_sample: int = DEFAULT_SAMPLE,
               threads: Optional[int] = None, work_dir: Optional[str | Path] = None, seed: int = 0,
@@ -71,7 +67,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     is saved. threads: CPU threads for torch (default: torch's choice); on a CPU shared with other work, fewer
     threads than cores can be several times faster. compute_dtype: the blocks' arithmetic, "float32", "bfloat16" or
     "auto" (bfloat16 for a bfloat16 checkpoint where bfloat16 is fast, see stream.py)."""
-    from ..validate.text import load_text
+    from ..text import load_text
 
     if sensitivity not in SENSITIVITY_METHODS:
         raise InputError(f"unknown sensitivity method '{sensitivity}' (one of {', '.join(SENSITIVITY_METHODS)})")
@@ -92,7 +88,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
     calibration_text = load_text(text)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    model = StreamedModel(model_dir, torch_device, COMPUTE_DTYPES[compute_dtype])
+    model = StreamedModel(model_dir, torch_device, TORCH_COMPUTE_DTYPES[compute_dtype])
     chunks = calibration_tokens(model.tokenizer, calibration_text.content, tokens, ctx)
     if chunks.numel() < tokens:
         warnings.warn(f"calibrating on {chunks.numel()} tokens, fewer than the {tokens} asked for (--tokens): "

@@ -5,15 +5,15 @@ it, and what comes out is the input of block i+1. On the way, hooks measure the 
 of every linear weight: the sum of x^2 and the token count, as llama-imatrix does) and LIM (-cos(block input, block
 output) per token). The first `n_grad` chunks' block inputs are kept for the backward pass.
 
-Backward, over those chunks (sensitivities, METHODS.md section 4): the KL divergence to the model of a small change
-d of a weight W is 1/2 d^T F d, F the Fisher information of the model's own output distribution. For noise-like
-error of relative size t^2 (||d||^2 = t^2 ||W||^2, spread evenly), its expectation is t^2 ||W||^2 tr(F_W) / (2 N),
-N the weight's element count: alpha = ||W||^2 tr(F_W) / (2N), the slope that noise injection measures. tr(F_W) is
-estimated without bias by the squared gradient of sum_s log p(y_s) with each y_s drawn from the model's own
-prediction at position s: the positions' gradients have zero mean and independent draws, so their cross terms
-vanish in expectation. Per chunk this is one backward pass, recomputing each block from its kept input; the
-gradient reaching a block's input is what the block below backpropagates. Each chunk gives its own estimate, so
-their spread is the uncertainty (sensitivity.py bootstraps over them).
+Backward, over those chunks (sensitivities, the linearity theorem's alpha: see plan/optimal.py): the KL divergence
+to the model of a small change d of a weight W is 1/2 d^T F d, F the Fisher information of the model's own output
+distribution. For noise-like error of relative size t^2 (||d||^2 = t^2 ||W||^2, spread evenly), its expectation is
+t^2 ||W||^2 tr(F_W) / (2 N), N the weight's element count: alpha = ||W||^2 tr(F_W) / (2N), the slope that noise
+injection measures. tr(F_W) is estimated without bias by the squared gradient of sum_s log p(y_s) with each y_s
+drawn from the model's own prediction at position s: the positions' gradients have zero mean and independent draws,
+so their cross terms vanish in expectation. Per chunk this is one backward pass, recomputing each block from its
+kept input; the gradient reaching a block's input is what the block below backpropagates. Each chunk gives its own
+estimate, so their spread is the uncertainty (sensitivity.py bootstraps over them).
 
 The output head's gradient is never formed (vocabulary x width; see below for its rows). A tied embedding is one
 weight reached twice; the gradient is the sum of both paths, and the embedding path only touches the rows of the
@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..imatrix import ImportanceMatrix
-from ..source.model import OUTPUT_HEAD, SourceModel, TOKEN_EMBEDDING
+from .imatrix import ImportanceMatrix
+from ..constants import OUTPUT_HEAD, TOKEN_EMBEDDING
+from ..source.model import SourceModel
 from .stream import StreamedModel, StopForward
 from .workfolder import WorkFolder
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..source.model import OUTPUT_HEAD, SourceModel
+from ..constants import OUTPUT_HEAD
+from ..source.model import SourceModel
 from .stream import replaced_forwards
 
 

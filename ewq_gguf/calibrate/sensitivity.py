@@ -1,4 +1,4 @@
-"""Sensitivity of the model's output to noise in one weight (the linearity theorem's alpha, METHODS.md section 4).
+"""Sensitivity of the model's output to noise in one weight (the linearity theorem's alpha, see plan/optimal.py).
 
 For a weight W, Gaussian noise E scaled to ||E|| = t ||W|| exactly is added, the model runs on the sensitivity
 tokens, and the mean KL(base || noisy) per token is measured, for each noise level t. The slope of KL against t^2
@@ -23,8 +23,6 @@ import torch
 from ..progress import progress_bar
 from .calibration import Sensitivity
 from .runner import ModelRunner, Weight, kl_per_token
-
-DEFAULT_NOISE_LEVELS = (0.05, 0.1)
 
 
 def slope_through_origin(x: Sequence[float], y: Sequence[float]) -> float:

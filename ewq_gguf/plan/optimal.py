@@ -1,4 +1,5 @@
-"""Optimal per-tensor types for a size budget (the linearity theorem, METHODS.md section 4).
+"""Optimal per-tensor types for a size budget (the linearity theorem of Malinovskii et al., "Pushing the Limits of
+Large Language Model Quantization via the Linearity Theorem", 2024).
 
 The KL increase of a mixed-precision file is predicted as sum over weights of alpha_w * t2_w(type_w): alpha from the
 calibration (gradients or noise injection), t2 the measured relative error of the weight in that type. Among every assignment of
@@ -10,7 +11,7 @@ unit = 1 and at most one unit per weight from the exact optimum otherwise (the D
 Which error metric: "weighted" measures the error with input columns weighted by their mean squared activation
 (what reaches the layer's output; importance-weighted quantization lowers exactly this), and, for the vocabulary's
 matrices of a gradient calibration, with rows weighted by their Fisher mass (how often a token is read or
-predicted); "plain" is the Frobenius ratio of METHODS.md.
+predicted); "plain" is the plain relative error ||W_hat - W||_F^2 / ||W||_F^2.
 
 File size: a GGUF file is its header (metadata, the tokenizer, the plan itself as ewq.plan, the tensor table) padded
 to the data alignment, then each tensor padded to it. The DP counts padded tensor sizes; the header depends on the
@@ -28,7 +29,7 @@ from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
 
 from ..calibrate import Calibration
 from ..errors import InputError
-from ..imatrix import ImportanceMatrix
+from ..calibrate.imatrix import ImportanceMatrix
 from ..quant import effective_type, planner_types, tensor_nbytes
 from ..source.model import SourceModel, TensorSpec
 from ..write import parse_size

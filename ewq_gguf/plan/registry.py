@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from ..imatrix import ImportanceMatrix
+    from ..calibrate.imatrix import ImportanceMatrix
     from ..source.model import SourceModel
     from .plan import Plan
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 from gguf import GGMLQuantizationType as QType
 
 from ..errors import InputError
+from ..gguf_file import read_gguf
 from ..quant import CODECS, supported_names
 from ..source.model import SourceModel
 from .entries import entry_for
@@ -22,11 +22,8 @@ def requested_types(path: Path) -> tuple[dict[str, QType], str]:
     if not path.is_file():
         raise InputError(f"plan file not found: {path}")
     if path.suffix == ".gguf":
-        try:
-            reader = gguf.GGUFReader(path)
-        except Exception as exc:  # gguf-py raises several types for malformed files
-            raise InputError(f"{path}: not a readable GGUF file ({exc})") from exc
-        return {tensor.name: tensor.tensor_type for tensor in reader.tensors}, f"types copied from {path.name}"
+        return ({tensor.name: QType[tensor.type_name] for tensor in read_gguf(path).tensors},
+                f"types copied from {path.name}")
     plan = Plan.from_json(path.read_text())
     return {entry.name: entry.requested for entry in plan.entries}, f"plan {path.name} ({plan.method})"
 

@@ -15,17 +15,15 @@ from typing import Any, Optional, Sequence
 
 from gguf import GGMLQuantizationType as QType
 
+from ..constants import DEFAULT_EMBED_TYPE, DEFAULT_OUTPUT_TYPE, DEFAULT_TIER_TYPES, OUTPUT_HEAD, TOKEN_EMBEDDING
 from ..errors import InputError
 from ..quant import parse_type
-from ..source.model import OUTPUT_HEAD, TOKEN_EMBEDDING, SourceModel
+from ..source.model import SourceModel
 from .entries import entry_for
 from .plan import Plan
 from .registry import option
 
 TIERS = ("LOW", "MID", "HIGH")
-DEFAULT_TYPES = "Q4_K,Q8_0,F16"
-DEFAULT_EMBED_TYPE = "Q8_0"
-DEFAULT_OUTPUT_TYPE = "Q8_0"
 # Which end of a block score goes to the LOW type: EWQ's reading is "low entropy tolerates low precision".
 DIRECTIONS = ("low-first", "high-first")
 
@@ -49,7 +47,7 @@ class TierTypes:
     def parse(cls, text: str | Sequence[str]) -> "TierTypes":
         names = [part.strip() for part in text.split(",")] if isinstance(text, str) else list(text)
         if len(names) != 3:
-            raise InputError(f"--types needs three types LOW,MID,HIGH (e.g. {DEFAULT_TYPES}), got {text!r}")
+            raise InputError(f"--types needs three types LOW,MID,HIGH (e.g. {DEFAULT_TIER_TYPES}), got {text!r}")
         return cls(*(type_named(name) for name in names))
 
     def of(self, tier: str) -> QType:
@@ -63,7 +61,7 @@ class TierTypes:
 class TierOptions:
     """The options of every method that decides one tier per block; each method's options extend these."""
 
-    types: str = option(DEFAULT_TYPES, "Tier types LOW,MID,HIGH.")
+    types: str = option(DEFAULT_TIER_TYPES, "Tier types LOW,MID,HIGH.")
     embed_type: str = option(DEFAULT_EMBED_TYPE, "Type of the token embedding (also the output head of tied models).")
     output_type: str = option(DEFAULT_OUTPUT_TYPE, "Type of the output head.")
 

@@ -3,8 +3,9 @@ the rest to the MID type, importance being the block's ZD score (fraction of wei
 
 Which end of the ZD order is "least important" is ambiguous in the source. `--direction high-first` (the default)
 moves the highest-ZD blocks LOW: on both development models that ordering beat random orderings in KL divergence
-(METHODS.md section 7); `low-first` moves the lowest-ZD blocks, for the comparison. The number of LOW blocks is
-round(fraction x blocks), half up; equal scores keep block order.
+(blocks in thirds by the ordering at Q4_K/Q5_K/Q6_K, against bf16 on 10 x 512 tokens: 0.066 against a mean 0.094 of
+three random orderings on SmolLM2-135M, 0.032 against 0.035 on Qwen2.5-0.5B); `low-first` moves the lowest-ZD blocks,
+for the comparison. The number of LOW blocks is round(fraction x blocks), half up; equal scores keep block order.
 """
 from __future__ import annotations
 

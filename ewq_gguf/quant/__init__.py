@@ -1,9 +1,11 @@
 """QUANTIZE: tensors in, GGUF bytes out, on whatever torch device the rows live on.
 
-Pure by design: this package knows no file, model or plan. One codec module per type family registers its
-encoders in ``CODECS``; everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
-derived here from gguf-py's block table so that planners can ask for sizes without producing bytes, and so is
-the menu of types planners choose from (planner_types: MXFP4 for expert tensors only, as llama.cpp's mixes do).
+Pure by design: this package knows no file, model or plan. One codec module per type family (floats, legacy,
+kquants_affine, kquants_symmetric, iq4, mxfp4) registers its encoders in ``CODECS``; they share ggml_arithmetic
+(float32 as ggml's C code computes it), scale_search (ggml's scale searches), packing (block fields as bytes) and
+chunking (how rows are cut). Everything else (sizes, which type a row length can hold, llama.cpp's fallback rule) is
+derived here from gguf-py's block table so that planners can ask for sizes without producing bytes, and so is the
+menu of types planners choose from (planner_types: MXFP4 for expert tensors only, as llama.cpp's mixes do).
 
 Every backend gives the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
 ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads; on
@@ -101,7 +103,7 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     backend: "auto", "torch" or "ggml" (see the module's notes; every one gives the same bytes). F32/F16/BF16 are
     plain casts, done by torch whatever the backend. threads: the ggml backend's threads (all CPUs of the process
     when None); torch uses its own setting.
-    All-finite input is the caller's contract (write.encode_tensor checks it once, on the stored dtype).
+    All-finite input is the caller's contract (write.encode.encode_tensor checks it once, on the stored dtype).
     """
     if rows.dim() != 2:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(rows.shape)}")

@@ -15,12 +15,11 @@ from typing import Optional
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from .chunking import encode_in_chunks, to_element_major
 from .codec import Codec
-from .common import (
-    GROUP_MAX_EPS, all_finite, block_square_sums, divide, encode_in_chunks, first_absmax, fp16_bytes,
-    importance_weights, int_bytes, nearest_int, nonzero_reciprocal, pack_nibbles, pick_trial_scale, sequential_sum,
-    to_element_major, unpack_nibbles,
-)
+from .ggml_arithmetic import all_finite, divide, first_absmax, nearest_int, nonzero_reciprocal, sequential_sum
+from .packing import fp16_bytes, int_bytes, pack_nibbles, unpack_nibbles
+from .scale_search import GROUP_MAX_EPS, block_square_sums, importance_weights, pick_trial_scale
 
 BLOCK = 32
 SUPER_BLOCK = 256

@@ -9,90 +9,28 @@ and its per-sub-block branches become masks. Only the loops over a sub-block's e
 over make_qp_quants' passes are Python loops.
 
 Non-finite input with an importance vector is outside what is matched: make_qp_quants' handling of NaN scales is
-not reproduced (write.py refuses non-finite weights before they get here).
+not reproduced (the writer refuses non-finite weights before they get here).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from .chunking import encode_in_chunks, to_element_major
 from .codec import Codec
-from .common import (
-    GROUP_MAX_EPS, block_square_sums, divide, encode_in_chunks, exact_sqrt, first_max, fp16_bytes, fp16_round,
-    importance_weights, low_byte, make_qkx_quants, nearest_int, sequential_sum, to_element_major,
+from .ggml_arithmetic import divide, exact_sqrt, first_max, fp16_round, low_byte, nearest_int, sequential_sum
+from .packing import fp16_bytes
+from .scale_search import (
+    SEARCH_Q2_K, SEARCH_Q4_K, SEARCH_Q5_K, SEARCH_WITH_IMPORTANCE, block_square_sums, importance_weights,
+    make_qkx_quants, make_qp_quants,
 )
 
 SUPER_BLOCK = 256  # QK_K
-_QP_PASSES = 5  # make_qp_quants' refinement passes (itry)
 # Values per encoding chunk on CPU: big enough that per-op overhead is small, small enough that the search's
-# working set stays in cache (GPUs take more, see common.device_chunk_values).
+# working set stays in cache (GPUs take more, see chunking.device_chunk_values).
 CHUNK_VALUES = 1 << 19
-
-# make_qkx2_quants' arguments in the encoders without importance, make_qkx3_quants' in those with it
-_SEARCH_Q4_K = dict(rmin=-1.0, rdelta=0.1, nstep=20)
-_SEARCH_Q5_K = dict(rmin=-0.5, rdelta=0.1, nstep=15)
-_SEARCH_Q2_K = dict(rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
-_SEARCH_WITH_IMPORTANCE = dict(rmin=-0.9, rdelta=0.05, nstep=36)
-
-
-def _fit_level_scale(values: torch.Tensor, nmax: int, weights: torch.Tensor):
-    """ggml's make_qp_quants on every column of values (elements along dimension 0): a scale >= 0 and levels 0..nmax.
-
-    Returns (levels as the uint8 values ggml stores, int32, like values; scale float32 per column).
-    """
-    count = values.shape[0]
-    vmax = values.amax(dim=0).clamp_(min=0.0)
-    negligible = vmax < GROUP_MAX_EPS
-    weighted_values = weights * values  # ggml's w*x[i]*l is (w*x[i])*l
-
-    def weighted_square_error(levels, scale):
-        diff = values - scale * levels
-        return sequential_sum(weights * diff * diff)
-
-    iscale = divide(float(nmax), vmax)
-    first = (nearest_int(iscale * values) & 0xFF).to(torch.float32)
-    best_mse = weighted_square_error(first, divide(1.0, iscale))
-    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
-        numerator = float(np.float32(0.1) * np.float32(step) + np.float32(nmax))
-        trial_iscale = divide(numerator, vmax)
-        trial = nearest_int(trial_iscale * values).clamp_(max=nmax).to(torch.float32)
-        mse = weighted_square_error(trial, divide(1.0, trial_iscale))
-        better = mse < best_mse
-        best_mse = torch.where(better, mse, best_mse)
-        iscale = torch.where(better, trial_iscale, iscale)
-
-    chosen = nearest_int(iscale * values).clamp_(max=nmax)
-    levels = (chosen & 0xFF).to(torch.float32)  # the stored uint8 values, exact in float32
-    chosen = chosen.to(torch.float32)
-    sum_lx = sequential_sum(weighted_values * chosen)
-    sum_l2 = sequential_sum(weights * chosen * chosen)
-    for _ in range(_QP_PASSES):
-        changed = torch.zeros_like(negligible)
-        for i in range(count):
-            w, wx, current = weights[i], weighted_values[i], levels[i]
-            slx = sum_lx - wx * current
-            sl2 = sum_l2 - w * current * current
-            # wherever slx > 0 and sl2 > 0 (the only places the proposal is used) the quotient is not NaN
-            proposed = nearest_int(values[i] * sl2 / slx).clamp_(max=nmax)
-            proposed_f = proposed.to(torch.float32)
-            candidate = (slx > 0) & (sl2 > 0) & (proposed_f != current)
-            slx = slx + wx * proposed_f
-            sl2 = sl2 + w * proposed_f * proposed_f
-            accept = candidate & (slx * slx * sum_l2 > sum_lx * sum_lx * sl2)
-            torch.where(accept, (proposed & 0xFF).to(torch.float32), current, out=current)
-            sum_lx = torch.where(accept, slx, sum_lx)
-            sum_l2 = torch.where(accept, sl2, sum_l2)
-            changed |= accept
-        if not bool(changed.any()):  # a pass that changes nothing leaves the state for the next one unchanged
-            break
-    levels = levels.to(torch.int32)
-    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
-    levels = levels.masked_fill_(negligible, 0)
-    scale = scale.masked_fill(negligible, 0.0)
-    return levels, scale
 
 
 def _fit_scales_and_mins(scales, mins, sub_weight, n_blocks: int, nmax: int):
@@ -103,7 +41,7 @@ def _fit_scales_and_mins(scales, mins, sub_weight, n_blocks: int, nmax: int):
     """
     both = torch.cat([scales.reshape(n_blocks, -1), mins.reshape(n_blocks, -1)]).t().contiguous()
     weights = sub_weight.reshape(n_blocks, -1).repeat(2, 1).t().contiguous()
-    codes, block_scales = _fit_level_scale(both, nmax, weights)
+    codes, block_scales = make_qp_quants(both, nmax, weights)
     codes = codes.t()
     return codes[:n_blocks], codes[n_blocks:], block_scales[:n_blocks], block_scales[n_blocks:]
 
@@ -169,7 +107,7 @@ def _encode_32(rows: torch.Tensor, importance: Optional[torch.Tensor], nmax: int
     else:
         sigma2 = 2 * block_square_sums(rows, SUPER_BLOCK) / SUPER_BLOCK
         weights = importance_weights(importance, x, sigma2.repeat_interleave(8))
-        scales, mins, levels = make_qkx_quants(x, nmax, weights, **_SEARCH_WITH_IMPORTANCE)
+        scales, mins, levels = make_qkx_quants(x, nmax, weights, **SEARCH_WITH_IMPORTANCE)
         ls, lm, d, dmin = _fit_scales_and_mins(scales, mins, sequential_sum(weights), n_blocks, 63)
         if nmax == 31:  # quantize_row_q5_K_impl clamps the codes, q4_K's does not
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
@@ -189,14 +127,14 @@ def _pairs_of_32(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _encode_q4_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    header, scales, levels = _encode_32(rows, importance, 15, _SEARCH_Q4_K)
+    header, scales, levels = _encode_32(rows, importance, 15, SEARCH_Q4_K)
     first, second = _pairs_of_32(levels)
     qs = low_byte(first | (second << 4)).reshape(-1, 128)
     return torch.cat([header, scales, qs], dim=1)
 
 
 def _encode_q5_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
-    header, scales, levels = _encode_32(rows, importance, 31, _SEARCH_Q5_K)
+    header, scales, levels = _encode_32(rows, importance, 31, SEARCH_Q5_K)
     first, second = _pairs_of_32(levels)
     qs = low_byte((first & 0xF) | ((second & 0xF) << 4)).reshape(-1, 128)
     # bit 4 of element 64*c + 32*h + j goes to bit 2*c + h of qh[j]
@@ -212,13 +150,13 @@ def _encode_q2_k(rows: torch.Tensor, importance: Optional[torch.Tensor]) -> torc
     n_blocks = rows.numel() // SUPER_BLOCK
     x = to_element_major(rows, 16)
     if importance is None:
-        scales, mins, levels = make_qkx_quants(x, 3, x.abs(), **_SEARCH_Q2_K)
+        scales, mins, levels = make_qkx_quants(x, 3, x.abs(), **SEARCH_Q2_K)
         ls, d = _sub_block_codes(scales.reshape(n_blocks, 16), 15, clamp=False)
         lm, dmin = _sub_block_codes(mins.reshape(n_blocks, 16), 15, clamp=False)
     else:
         sigma2 = block_square_sums(rows, SUPER_BLOCK) / SUPER_BLOCK
         weights = importance_weights(importance, x, sigma2.repeat_interleave(16))
-        scales, mins, levels = make_qkx_quants(x, 3, weights, **_SEARCH_WITH_IMPORTANCE)
+        scales, mins, levels = make_qkx_quants(x, 3, weights, **SEARCH_WITH_IMPORTANCE)
         ls, lm, d, dmin = _fit_scales_and_mins(scales, mins, sequential_sum(weights), n_blocks, 15)
     packed = low_byte(ls | (lm << 4))
     header = torch.cat([fp16_bytes(d), fp16_bytes(dmin)], dim=1)

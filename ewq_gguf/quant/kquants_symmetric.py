@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from .chunking import encode_in_chunks, to_element_major
 from .codec import Codec
-from .common import (
-    GROUP_MAX_EPS, all_finite, as_int8, block_square_sums, divide, encode_in_chunks, first_absmax, fp16_bytes,
-    fp16_round, importance_weights, make_qx_quants, nearest_int, round_levels_, sequential_sum, to_element_major,
-)
+from .ggml_arithmetic import as_int8, divide, first_absmax, fp16_round, nearest_int, sequential_sum
+from .packing import fp16_bytes
+from .scale_search import GROUP_MAX_EPS, block_square_sums, importance_weights, make_q3_quants, make_qx_quants
 
 QK_K = 256
 GROUP = 16
@@ -30,7 +30,7 @@ Q6_K_BLOCK_BYTES = 210
 Q3_K_BLOCK_BYTES = 110
 # Rows are encoded in chunks of about this many values on CPU: large enough that torch's per-operation overhead is
 # small against the work and small enough that the search's working tensors stay in cache (GPUs take more, see
-# common.device_chunk_values).
+# chunking.device_chunk_values).
 CHUNK_VALUES = 1 << 18
 
 
@@ -42,77 +42,6 @@ def _to_group_major(values: torch.Tensor) -> torch.Tensor:
 def _from_group_major(values: torch.Tensor) -> torch.Tensor:
     """(16, R, G) -> (R, G*16), the inverse of _to_group_major."""
     return values.permute(1, 2, 0).reshape(values.shape[1], -1)
-
-
-def make_q3_quants(x: torch.Tensor, nmax: int = 4, max_passes: int = 5):
-    """ggml's make_q3_quants(n=16, nmax, x, L, do_rmse=true) for groups x (16, G), 16 values per column.
-
-    ggml refines one level at a time: in up to 5 passes over the group, element i moves to the level that fits it
-    best given the others when that raises the x^2-weighted fit, and a pass without any move ends the search.
-    Every element before the first move of a pass sees the same sums, so instead of stepping element by element,
-    each round evaluates all the elements of a group still ahead in its pass and applies only the first move;
-    the next round continues after it. Most groups make no move in their first pass and are done after one round.
-    Returns (scale (G,), levels (16, G) uint8 in [0, 2*nmax)).
-    """
-    n_groups = x.shape[1]
-    amax, signed_max = first_absmax(x, dim=0)
-    zero = amax < GROUP_MAX_EPS
-    signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
-    weights = x * x
-    x_weighted = weights * x
-    levels = round_levels_(x * divide(float(-nmax), signed_max), -nmax, nmax - 1, exact=not all_finite(x))
-    sumlx, suml2 = sequential_sum(torch.stack([x_weighted * levels, (weights * levels) * levels]), dim=1)
-
-    position = torch.zeros(n_groups, dtype=torch.int64, device=x.device)  # next element of the current pass
-    passes = torch.zeros(n_groups, dtype=torch.int64, device=x.device)  # passes completed
-    moved = torch.zeros(n_groups, dtype=torch.bool, device=x.device)  # whether the current pass moved a level
-    element = torch.arange(GROUP, device=x.device).unsqueeze(1)
-    active = torch.arange(n_groups, device=x.device)
-    while active.numel():
-        if active.numel() == n_groups:
-            xs, ws, wxs, ls = x, weights, x_weighted, levels
-        else:
-            xs, ws, wxs, ls = (t.index_select(1, active) for t in (x, weights, x_weighted, levels))
-        sx, s2 = sumlx[active], suml2[active]
-        slx = sx - wxs * ls
-        sl2 = s2 - (ws * ls) * ls
-        new_levels = nearest_int(xs * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
-        candidate = (new_levels != ls) & (slx > 0)
-        if bool(position.any()):
-            candidate &= element >= position[active]
-        # the acceptance test, only where a level would change (few elements)
-        at, column = candidate.nonzero(as_tuple=True)
-        new_level = new_levels[at, column]
-        new_slx = slx[at, column] + wxs[at, column] * new_level
-        new_sl2 = sl2[at, column] + (ws[at, column] * new_level) * new_level
-        sx_c, s2_c = sx[column], s2[column]
-        accept = (new_sl2 > 0) & ((new_slx * new_slx) * s2_c > (sx_c * sx_c) * new_sl2)
-        at, column, new_level, new_slx, new_sl2 = (t[accept] for t in (at, column, new_level, new_slx, new_sl2))
-        # only the first accepted element of each group moves in this round
-        first = torch.full(active.shape, GROUP, dtype=torch.int64, device=x.device)
-        first.scatter_reduce_(0, column, at, reduce="amin")
-        take = at == first[column]
-        at, column, new_level, new_slx, new_sl2 = (t[take] for t in (at, column, new_level, new_slx, new_sl2))
-        groups = active[column]
-        levels[at, groups] = new_level
-        sumlx[groups] = new_slx
-        suml2[groups] = new_sl2
-        position[groups] = at + 1
-        moved[groups] = True
-
-        ended = active[first == GROUP]  # their pass ran to the end
-        position[ended] = 0
-        passes[ended] += 1
-        again = ended[moved[ended] & (passes[ended] < max_passes)]
-        moved[again] = False
-        active = torch.cat([groups, again])
-
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    levels = (levels + nmax).to(torch.uint8)
-    if bool(zero.any()):
-        levels[:, zero] = 0
-        scale[zero] = 0.0
-    return scale, levels
 
 
 def _requantize(x: torch.Tensor, levels: torch.Tensor, group_d: torch.Tensor, nmax: int) -> torch.Tensor:

@@ -16,12 +16,14 @@ from typing import Optional
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from .chunking import encode_in_chunks, to_element_major
 from .codec import Codec
-from .common import (
-    FLT_MAX, all_finite, as_int8, block_square_sums, divide, encode_in_chunks, first_absmax, first_max, first_min,
-    fp16_bytes, importance_weights, low_byte, make_qkx_quants, make_qx_quants, nonzero_reciprocal, pack_high_bits,
-    pack_nibbles, round_half_away, to_element_major, truncate_to_int, unpack_high_bits, unpack_nibbles,
+from .ggml_arithmetic import (
+    FLT_MAX, all_finite, as_int8, divide, first_absmax, first_max, first_min, low_byte, nonzero_reciprocal,
+    round_half_away, truncate_to_int,
 )
+from .packing import fp16_bytes, pack_high_bits, pack_nibbles, unpack_high_bits, unpack_nibbles
+from .scale_search import block_square_sums, importance_weights, make_qkx_quants, make_qx_quants
 
 BLOCK = 32
 # Rows are encoded in chunks of about this many values: large enough to amortise torch's per-call cost, small

@@ -19,9 +19,9 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from .codec import Codec
-from .common import (
-    all_finite, divide, encode_in_chunks, first_absmax, low_byte, pack_nibbles, truncate_to_int, unpack_nibbles,
-)
+from .chunking import encode_in_chunks
+from .ggml_arithmetic import all_finite, divide, first_absmax, low_byte, truncate_to_int
+from .packing import pack_nibbles, unpack_nibbles
 
 BLOCK = 32
 BLOCK_BYTES = 17

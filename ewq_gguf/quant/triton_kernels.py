@@ -2,12 +2,12 @@
 
 The torch codecs run ggml's algorithms as many small elementwise kernels; here each GPU thread runs the C code of
 one block (Q8_0) or one 32-value sub-block (Q4_K, Q5_K) start to end, with the values in registers. Byte identity
-with ggml's scalar x86 build (see common.py) rests on:
+with ggml's scalar x86 build (see ggml_arithmetic.py) rests on:
 - every sum is a chain of additions in ggml's order: a loop over the 32 values (tl.static_range, one value of every
   sub-block per iteration), never tl.sum on floats; tl.sum only gathers integers or one non-zero term;
 - kernels are launched with enable_fp_fusion=False, so no multiply-add is contracted into an FMA;
 - divisions go through tl.math.div_rn and roots through tl.sqrt_rn (`/` lowers to the approximate div.full.f32);
-- nearest_int is ggml's own float trick, and roundf is emulated as round_half_away in common.py does;
+- nearest_int is ggml's own float trick, and roundf is emulated as round_half_away in ggml_arithmetic.py does;
 - constants that ggml computes in float32 (0.1f*is + nmax) are computed on float32 tensors, never folded by Python.
 
 A kernel raises a flag instead of matching inputs outside its scope: non-finite values, and NaN in a block scale
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
-from .common import FLT_MAX, GROUP_MAX_EPS
-from .kquants_affine import _SEARCH_Q4_K, _SEARCH_Q5_K, _SEARCH_WITH_IMPORTANCE
+from .ggml_arithmetic import FLT_MAX
+from .scale_search import GROUP_MAX_EPS, SEARCH_Q4_K, SEARCH_Q5_K, SEARCH_WITH_IMPORTANCE
 
 # tuples of tensors inside kernels (the values of a sub-block are held as one) came with Triton 3.3
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3):
@@ -44,9 +44,9 @@ _K_SUPERS = 16
 # every launch: no multiply-add contraction (ggml rounds each product), 4 warps
 COMPILE_OPTIONS = dict(enable_fp_fusion=False, num_warps=4)
 
-# make_qkx2_quants' search without importance, make_qkx3_quants' with it: kquants_affine's arguments
+# make_qkx2_quants' search without importance, make_qkx3_quants' with it: the torch encoders' arguments
 _NMAX = {QType.Q4_K: 15, QType.Q5_K: 31}
-_SEARCH = {QType.Q4_K: _SEARCH_Q4_K, QType.Q5_K: _SEARCH_Q5_K}
+_SEARCH = {QType.Q4_K: SEARCH_Q4_K, QType.Q5_K: SEARCH_Q5_K}
 
 
 # ---------------------------------------------------------------- ggml's scalar helpers
@@ -166,7 +166,7 @@ def _q8_0_kernel(x_pointer, out_pointer, flag_pointer, n_blocks, BLOCKS: tl.cons
 
 @triton.jit
 def _fit_scale_and_min(x, w, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr, NSTEP: tl.constexpr):
-    """ggml's make_qkx2_quants / make_qkx3_quants (one algorithm, see common.make_qkx_quants) of every sub-block.
+    """ggml's make_qkx2_quants / make_qkx3_quants (one algorithm, see scale_search.make_qkx_quants) of every sub-block.
 
     x, w: tuples of the 32 values and weights, each a tensor over sub-blocks. Returns (scale, the_min) as ggml
     returns them, and the (iscale, minimum) of the grid whose levels ggml keeps in L, with a mask of the flat
@@ -232,7 +232,7 @@ def _fit_scale_and_min(x, w, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.
 
 
 @triton.jit
-def _fit_level_scale(values, weights, NMAX: tl.constexpr):
+def _make_qp_quants(values, weights, NMAX: tl.constexpr):
     """ggml's make_qp_quants(8, NMAX, values, L, weights) per super-block (tuples of 8 tensors over super-blocks).
 
     Returns (codes, the tuple of the 8 uint8 values ggml stores in L as int32; scale). A refinement pass that
@@ -373,8 +373,8 @@ def _affine_k_kernel(x_pointer, importance_pointer, out_pointer, flag_pointer, n
     mins = _columns(the_min)
     if WEIGHTED:
         sub_weights = _columns(sum_w)
-        ls, d = _fit_level_scale(scales, sub_weights, 63)
-        lm, dmin = _fit_level_scale(mins, sub_weights, 63)
+        ls, d = _make_qp_quants(scales, sub_weights, 63)
+        lm, dmin = _make_qp_quants(mins, sub_weights, 63)
         if NMAX == 31:  # quantize_row_q5_K_impl caps the codes at 63, q4_K's does not
             capped_s = ()
             capped_m = ()
@@ -466,6 +466,6 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
 
 def k_quant_constants(qtype: QType, weighted: bool) -> dict:
     """The compile-time arguments of _affine_k_kernel for qtype (Q4_K or Q5_K), with or without importance."""
-    search = _SEARCH_WITH_IMPORTANCE if weighted else _SEARCH[qtype]
+    search = SEARCH_WITH_IMPORTANCE if weighted else _SEARCH[qtype]
     return dict(NMAX=_NMAX[qtype], RMIN=search["rmin"], RDELTA=search["rdelta"], NSTEP=search["nstep"],
                 WEIGHTED=weighted, BLOCK_BYTES=GGML_QUANT_SIZES[qtype][1], SUPERS=_K_SUPERS)

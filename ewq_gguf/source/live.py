@@ -79,7 +79,7 @@ def open_live(model: Any, tokenizer: Optional[PreTrainedTokenizerBase | str | Pa
         return tensors[spec.source].load()
 
     def add_tokenizer(writer: gguf.GGUFWriter) -> None:
-        from ..tokenizer import add_tokenizer as add_folder_tokenizer, add_tokenizer_from_hf
+        from .tokenizer import add_tokenizer as add_folder_tokenizer, add_tokenizer_from_hf
 
         if tokenizer is None:
             raise InputError("no tokenizer given: a GGUF file needs the model's vocabulary")

@@ -17,6 +17,7 @@ import torch
 
 from ..arch.base import Adapter
 from ..arch.registry import adapter_for, has_adapter
+from ..constants import TOKEN_EMBEDDING
 from ..errors import InputError
 from .checkpoint import Checkpoint
 from .safetensors_header import FLOAT_DTYPES
@@ -25,8 +26,6 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 # llama.cpp's LLAMA_MAX_LAYERS; also keeps a lying layer count from building a name table of millions of entries
 MAX_BLOCKS = 512
 MAX_DIMS = 4            # GGUF tensors have at most 4 dimensions
-TOKEN_EMBEDDING = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
-OUTPUT_HEAD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
 
 # config.json keys the adapters read as counts (positive integers) or as positive numbers; checked up front so that
 # a wrong value is reported by name instead of failing somewhere inside an adapter. GGUF stores counts as uint32 and
@@ -209,7 +208,7 @@ def open_checkpoint(model_dir: str | Path, *, allow_pickle: bool = False) -> Sou
 
     allow_pickle: also read pytorch_model*.bin checkpoints (weights-only unpickling) when no safetensors exist.
     """
-    from ..tokenizer import add_tokenizer
+    from .tokenizer import add_tokenizer
 
     checkpoint = Checkpoint(model_dir, allow_pickle=allow_pickle)
     if not has_adapter(checkpoint.config):

@@ -1,6 +1,7 @@
-"""VALIDATE: perplexity and KL divergence of GGUF files through llama.cpp, and Ollama Modelfiles.
+"""VALIDATE: perplexity and KL divergence of GGUF files through llama.cpp.
 
-This package reads GGUF files only and never imports the converter, so it judges any GGUF, ours or llama.cpp's.
+This package reads GGUF files only (through gguf_file) and never imports the converter, so it judges any GGUF, ours
+or llama.cpp's.
 """
 from ewq_gguf.validate.compare import (
     CompareReport,
@@ -9,7 +10,6 @@ from ewq_gguf.validate.compare import (
     plot_size_vs_kld,
     require_matplotlib,
 )
-from ewq_gguf.validate.modelfile import write_ollama_modelfile
 from ewq_gguf.validate.perplexity import PerplexityReport, format_perplexity, perplexity
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "perplexity",
     "plot_size_vs_kld",
     "require_matplotlib",
-    "write_ollama_modelfile",
 ]

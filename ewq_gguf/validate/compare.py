@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ewq_gguf.constants import DEFAULT_EVALUATION_CTX
 from ewq_gguf.errors import EwqGgufError, InputError, OutputError
+from ewq_gguf.gguf_file import GgufFile, read_gguf
 from ewq_gguf.progress import progress_bar
+from ewq_gguf.text import load_text
 from ewq_gguf.validate.evaluator import ChunkEvaluator, ChunkLayout, check_chunk_count, check_context_size
-from ewq_gguf.validate.gguf_file import GgufFile, read_gguf
 from ewq_gguf.validate.logits_cache import BaseLogits, base_logits
 from ewq_gguf.validate.perplexity import mean_and_standard_error, perplexity_from_nll
 from ewq_gguf.validate.scoring import score_against_base
-from ewq_gguf.validate.text import load_text
 
 JSON_KEYS = ("file", "bytes", "bpw", "ppl", "ppl_se", "kld", "kld_se", "kld_p99", "top1", "tokens", "seconds")
 
@@ -90,7 +91,7 @@ def compare(
     base: str | Path,
     candidates: list[str | Path],
     text: str | Path | None = None,
-    ctx: int = 512,
+    ctx: int = DEFAULT_EVALUATION_CTX,
     chunks: int | None = None,
     gpu_layers: int | None = None,
     cache_dir: str | Path | None = None,

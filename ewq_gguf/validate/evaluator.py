@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ewq_gguf.errors import EwqGgufError, InputError
-from ewq_gguf.validate.gguf_file import GgufFile
-from ewq_gguf.validate.text import EvalText
+from ewq_gguf.gguf_file import GgufFile
+from ewq_gguf.text import EvalText
 
 _LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR in ggml.h
 MIN_CONTEXT = 8

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from ewq_gguf.errors import OutputError
+from ewq_gguf.gguf_file import GgufFile
 from ewq_gguf.progress import progress_bar
+from ewq_gguf.text import EvalText
 from ewq_gguf.validate.evaluator import ChunkEvaluator, ChunkLayout
-from ewq_gguf.validate.gguf_file import GgufFile
 from ewq_gguf.validate.scoring import BaseScores, EncodedLogProbs, score_base
-from ewq_gguf.validate.text import EvalText
 
 CACHE_FORMAT = 1
 _ARRAY_NAMES = ("tokens", "codes", "grid", "top1", "nll")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ewq_gguf.constants import DEFAULT_EVALUATION_CTX
+from ewq_gguf.gguf_file import read_gguf
 from ewq_gguf.progress import progress_bar
+from ewq_gguf.text import load_text
 from ewq_gguf.validate.evaluator import ChunkEvaluator, check_chunk_count, check_context_size
-from ewq_gguf.validate.gguf_file import read_gguf
 from ewq_gguf.validate.scoring import negative_log_likelihoods
-from ewq_gguf.validate.text import load_text
 
 
 @dataclass
@@ -58,7 +59,7 @@ def perplexity_from_nll(nll: np.ndarray) -> tuple[float, float]:
 def perplexity(
     path: str | Path,
     text: str | Path | None = None,
-    ctx: int = 512,
+    ctx: int = DEFAULT_EVALUATION_CTX,
     chunks: int | None = None,
     gpu_layers: int | None = None,
     threads: int | None = None,

@@ -1,12 +1,10 @@
-"""The float32 helpers shared by the encoders (ewq_gguf.quant.common), against C semantics computed by numpy."""
+"""Float32 arithmetic as ggml computes it (ewq_gguf.quant.ggml_arithmetic), against C semantics computed by numpy."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ewq_gguf.quant.common import exact_sqrt, first_max, first_min, make_qkx_quants, make_qx_quants, sequential_sum
-
-from quant_inputs import make_importance, make_rows
+from ewq_gguf.quant.ggml_arithmetic import exact_sqrt, first_max, first_min, sequential_sum
 
 
 def test_exact_sqrt_is_correctly_rounded():
@@ -40,16 +38,3 @@ def test_scans_keep_the_start_and_the_first_of_equal_values():
     assert torch.signbit(first_min(zeros, dim=0, start=float("inf")))[0]  # -0.0 came first
     assert not torch.signbit(first_min(zeros.flip(0), dim=0, start=float("inf")))[0]
     assert first_min(columns, dim=0, start=float("inf")).tolist() == [-2.0, -3.0]  # NaN skipped
-
-
-def test_search_helpers_accept_any_group_shape():
-    # the encoders call the shared searches with (n, rows, groups); results must not depend on that grouping
-    x = make_rows("student_t3", 4, 32 * 6, seed=4).reshape(4, 6, 32).permute(2, 0, 1)
-    weights = make_importance(32, seed=4).view(32, 1, 1) * x * x
-    scale, levels = make_qx_quants(x, 8, weights)
-    flat_scale, flat_levels = make_qx_quants(x.reshape(32, -1), 8, weights.reshape(32, -1))
-    assert torch.equal(scale.reshape(-1), flat_scale) and torch.equal(levels.reshape(32, -1), flat_levels)
-    scale, the_min, levels = make_qkx_quants(x, 15, weights)
-    flat = make_qkx_quants(x.reshape(32, -1), 15, weights.reshape(32, -1))
-    assert torch.equal(scale.reshape(-1), flat[0]) and torch.equal(the_min.reshape(-1), flat[1])
-    assert torch.equal(levels.reshape(32, -1), flat[2])

@@ -30,14 +30,11 @@ import gguf
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..constants import (IMATRIX_COUNTS_SUFFIX, IMATRIX_FILE_TYPE, IMATRIX_SUMS_SUFFIX, KEY_IMATRIX_CHUNK_COUNT,
+                         KEY_IMATRIX_CHUNK_SIZE, KEY_IMATRIX_DATASETS)
+from ..errors import InputError
+from ..gguf_file.read import GGUF_MAGIC, read_gguf
 
-KEY_TYPE = "general.type"
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
-SUMS_SUFFIX = ".in_sum2"
-COUNTS_SUFFIX = ".counts"
 UNIT = "unit"   # --imatrix value naming the unit matrix
 
 
@@ -88,13 +85,13 @@ class ImportanceMatrix:
         path = Path(path)
         writer = gguf.GGUFWriter(path, arch="")
         writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)   # llama-imatrix writes no architecture
-        writer.add_string(KEY_TYPE, "imatrix")
-        writer.add_array(KEY_DATASETS, list(self.datasets))
-        writer.add_uint32(KEY_CHUNK_COUNT, int(self.chunk_count))
-        writer.add_uint32(KEY_CHUNK_SIZE, int(self.chunk_size))
+        writer.add_string(gguf.Keys.General.TYPE, IMATRIX_FILE_TYPE)
+        writer.add_array(KEY_IMATRIX_DATASETS, list(self.datasets))
+        writer.add_uint32(KEY_IMATRIX_CHUNK_COUNT, int(self.chunk_count))
+        writer.add_uint32(KEY_IMATRIX_CHUNK_SIZE, int(self.chunk_size))
         for name in sorted(self.sums):   # llama-imatrix sorts names too
-            writer.add_tensor(name + SUMS_SUFFIX, self.sums[name].astype(np.float32))
-            writer.add_tensor(name + COUNTS_SUFFIX, self.counts[name].astype(np.float32).reshape(-1, 1))
+            writer.add_tensor(name + IMATRIX_SUMS_SUFFIX, self.sums[name].astype(np.float32))
+            writer.add_tensor(name + IMATRIX_COUNTS_SUFFIX, self.counts[name].astype(np.float32).reshape(-1, 1))
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -113,34 +110,28 @@ class ImportanceMatrix:
             raise InputError(f"{path}: importance matrix file not found")
         with path.open("rb") as stream:
             magic = stream.read(4)
-        return _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+        return _load_gguf(path) if magic == GGUF_MAGIC else _load_legacy(path)
 
 
 def _load_gguf(path: Path) -> ImportanceMatrix:
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError and others for malformed files
-        raise InputError(f"{path}: not a readable GGUF importance matrix ({exc})") from exc
-    fields = reader.fields
+    file = read_gguf(path)
     matrix = ImportanceMatrix()
-    if KEY_DATASETS in fields:
-        matrix.datasets = [str(value) for value in fields[KEY_DATASETS].contents()]
-    matrix.chunk_count = int(fields[KEY_CHUNK_COUNT].contents()) if KEY_CHUNK_COUNT in fields else 0
-    matrix.chunk_size = int(fields[KEY_CHUNK_SIZE].contents()) if KEY_CHUNK_SIZE in fields else 0
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    matrix.datasets = [str(value) for value in file.value(KEY_IMATRIX_DATASETS, [])]
+    matrix.chunk_count = int(file.metadata.get(KEY_IMATRIX_CHUNK_COUNT, 0))
+    matrix.chunk_size = int(file.metadata.get(KEY_IMATRIX_CHUNK_SIZE, 0))
+    tensors = {tensor.name: tensor for tensor in file.tensors}
     for tensor_name, tensor in tensors.items():
-        if not tensor_name.endswith(SUMS_SUFFIX):
+        if not tensor_name.endswith(IMATRIX_SUMS_SUFFIX):
             continue
-        name = tensor_name[:-len(SUMS_SUFFIX)]
-        counts = tensors.get(name + COUNTS_SUFFIX)
+        name = tensor_name[:-len(IMATRIX_SUMS_SUFFIX)]
+        counts = tensors.get(name + IMATRIX_COUNTS_SUFFIX)
         if counts is None:
             raise InputError(f"{path}: '{name}' has sums but no counts")
-        if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or counts.tensor_type != gguf.GGMLQuantizationType.F32:
+        if tensor.type_name != "F32" or counts.type_name != "F32":
             raise InputError(f"{path}: sums and counts of '{name}' must be F32")
-        n_mat = int(counts.n_elements)
-        sums = np.asarray(tensor.data, dtype=np.float64).reshape(n_mat, -1)
-        matrix.sums[name] = sums
-        matrix.counts[name] = np.rint(np.asarray(counts.data, dtype=np.float64).reshape(-1))
+        n_mat = counts.n_elements
+        matrix.sums[name] = file.f32_values(tensor).astype(np.float64).reshape(n_mat, -1)
+        matrix.counts[name] = np.rint(file.f32_values(counts).astype(np.float64).reshape(-1))
     if not matrix.sums:
         raise InputError(f"{path}: a GGUF file without importance data (no *.in_sum2 tensors)")
     return matrix

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ewq_gguf.errors import OutputError
-from ewq_gguf.validate.gguf_file import GgufFile, read_gguf
+from ..errors import OutputError
+from ..gguf_file import GgufFile, read_gguf
 
 
 @dataclass(frozen=True)

@@ -1,56 +1,38 @@
-"""WRITE: stream tensors through a Plan into a GGUF file (or llama.cpp's split layout), safely.
+"""Writing a GGUF file, or llama.cpp's split parts, so that a final name only ever holds a complete, checked file.
 
-Every file is written under a unique temporary name beside its final one, re-read with the project's own GGUF header
-reader (not gguf-py's GGUFReader: see verify) and checked against the plan, then put in place in one step: a final
-file either does not exist or is complete, and two conversions writing the same OUT at once never mix their bytes.
-Ctrl-C, SIGTERM and write errors (a full disk) remove the temporaries; a signal the process was started with ignored
-stays ignored. Loading and quantizing the next tensor run on a background thread while the current one is
-written; memory holds a few tensors at a time, whatever the size of the checkpoint.
+Each part is written under a unique temporary name beside its final one: first the header (gguf_file.header), then,
+once the free space is known to hold the rest, the tensors in plan order as encode.py produces them. The parts are
+flushed to disk, re-read with the project's GGUF header reader and checked against the plan (verify), and each is
+renamed onto its final name in one step; without --force a final name that appeared meanwhile (another conversion to
+the same OUT) is left alone, so two conversions never mix their bytes. Ctrl-C and SIGTERM (signals.py) and write
+errors remove the temporaries.
 """
 from __future__ import annotations
 
 import errno
 import importlib.metadata
 import inspect
-import json
 import os
-import queue
 import re
 import shutil
-import signal
-import threading
 import uuid
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QType
 
-from . import __version__
-from .errors import EwqGgufError, InputError, OutputError
-from .plan import Plan
-from .progress import progress_bar
-from .quant import quantize, row_nbytes
-from .source.model import SourceModel
-from .timing import StageTimes
-
-# Rows quantized per step: bounds the float32 working copy (~64 MiB) whatever the tensor size.
-CHUNK_ELEMENTS = 1 << 24
-
-FILE_TYPES = {
-    QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileType.MOSTLY_F16,
-    QType.BF16: gguf.LlamaFileType.MOSTLY_BF16, QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-    QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-    QType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
-    QType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, QType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S,
-    QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
-    QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, QType.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
-    QType.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS, QType.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
-}
+from ..errors import EwqGgufError, InputError, OutputError
+from ..gguf_file.header import add_header, file_size
+from ..plan import Plan
+from ..progress import progress_bar
+from ..source.model import SourceModel
+from ..timing import StageTimes
+from .encode import encoded_tensors
+from .signals import SignalGuard
 
 
 @dataclass(frozen=True)
@@ -78,27 +60,6 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise InputError(f"size '{size}' must be positive")
     return value
-
-
-def file_type_of(plan: Plan) -> gguf.LlamaFileType:
-    """general.file_type: the type holding most of the 2-D weights' parameters (llama.cpp's label for a mix)."""
-    weights: dict[QType, int] = {}
-    for entry in plan.entries:
-        if len(entry.shape) >= 2:
-            weights[entry.requested] = weights.get(entry.requested, 0) + entry.numel
-    if not weights:
-        return gguf.LlamaFileType.ALL_F32
-    return FILE_TYPES[max(weights, key=weights.get)]
-
-
-def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan) -> None:
-    """ewq.* keys: enough to print the plan back (inspect) and to reuse it (convert --plan FILE.gguf)."""
-    writer.add_string("ewq.version", __version__)
-    writer.add_string("ewq.method", plan.method)
-    writer.add_string("ewq.params", json.dumps(plan.params))
-    writer.add_string("ewq.plan", plan.to_json(indent=None))
-    writer.add_file_type(file_type_of(plan))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -176,8 +137,7 @@ class _PartsWriter(gguf.GGUFWriter):
         remaining = 0
         for fout, tensors in zip(self.fout or [], self.tensors):
             written = fout.tell()
-            remaining += self.ggml_pad(written, self.data_alignment) - written
-            remaining += sum(self.ggml_pad(info.nbytes, self.data_alignment) for info in tensors.values())
+            remaining += file_size(written, (info.nbytes for info in tensors.values()), self.data_alignment) - written
         return remaining
 
 
@@ -193,17 +153,14 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     out = Path(out)
     check_output(out, force)
     writer = _PartsWriter(out, model.adapter.arch_name, parse_size(split_max_size) if split_max_size else 0)
-    model.add_metadata(writer)
-    add_plan_metadata(writer, plan)
-    for entry in plan.entries:
-        writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=entry.type)
+    add_header(writer, model, plan)
     if len(writer.tensors) == 1:
         writer.split_max_size = 0   # fits in one file; gguf-py would log a warning about not splitting
     finals, temps = writer.final_paths(), writer.format_shard_names(out)
     for final in finals:
         check_output(final, force)
     times = StageTimes() if times is None else times
-    with _SignalGuard().active() as signals:
+    with SignalGuard().active() as signals:
         try:
             _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals, times)
             with times.measure("verify"):
@@ -222,7 +179,7 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
 
 
 def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, device: torch.device,
-            importance: dict[str, torch.Tensor], progress: bool, signals: _SignalGuard, times: StageTimes) -> None:
+            importance: dict[str, torch.Tensor], progress: bool, signals: SignalGuard, times: StageTimes) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -233,12 +190,12 @@ def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, 
                           f"{free / 1e9:.2f} GB free")
     bar = progress_bar(total=plan.tensor_bytes, desc="writing", unit="B", unit_scale=True, enabled=progress)
     # closing: on any exit the generator's background thread is stopped before the temporaries are removed
-    with bar, closing(_encoded_tensors(model, plan, device, importance, times)) as encoded_tensors:
-        for encoded in encoded_tensors:
+    with bar, closing(encoded_tensors(model, plan, device, importance, times)) as encoded:
+        for tensor_bytes in encoded:
             signals.check()
             with times.measure("write"):
-                writer.write_tensor_data(encoded)
-            bar.update(encoded.nbytes)
+                writer.write_tensor_data(tensor_bytes)
+            bar.update(tensor_bytes.nbytes)
     with times.measure("write"):
         for fout in writer.fout or []:
             fout.flush()
@@ -276,93 +233,14 @@ def _put_in_place(temps: Sequence[Path], finals: Sequence[Path], force: bool) ->
                           "same output?); it was left as it is (use --force to overwrite)") from None
 
 
-def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.device,
-                  importance: Optional[torch.Tensor] = None) -> np.ndarray:
-    """A tensor's bytes in qtype, quantized on `device` a bounded chunk of rows at a time into one output buffer.
-
-    importance: one vector, or for stacked experts one per expert end to end (llama-imatrix's n_mat vectors), each
-    expert's rows quantized with its own as llama-quantize does."""
-    rows = tensor.reshape(-1, tensor.shape[-1])
-    vectors = importance.reshape(-1, rows.shape[1]) if importance is not None else None
-    if vectors is not None and vectors.shape[0] > 1 and vectors.shape[0] * tensor.shape[-2] != rows.shape[0]:
-        raise InputError(f"the importance matrix holds {vectors.shape[0]} vectors for '{name}', which stacks "
-                         f"{rows.shape[0] // tensor.shape[-2]} matrices")
-    rows_per_vector = tensor.shape[-2] if vectors is not None and vectors.shape[0] > 1 else rows.shape[0]
-    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-    encoded = np.empty((rows.shape[0], row_nbytes(qtype, rows.shape[1])), dtype=np.uint8)
-    for first in range(0, rows.shape[0], rows_per_vector):
-        vector = vectors[first // rows_per_vector] if vectors is not None else None
-        for start in range(first, first + rows_per_vector, step):
-            end = min(start + step, first + rows_per_vector)
-            chunk = rows[start:end].to(device=device, non_blocking=True)
-            if not bool(torch.isfinite(chunk).all()):
-                raise InputError(f"tensor '{name}' contains NaN or Inf values; refusing to write it")
-            encoded[start:end] = quantize(chunk, qtype, vector).cpu().numpy()
-    return encoded
-
-
-def _encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
-                     importance: dict[str, torch.Tensor], times: StageTimes) -> Iterator[np.ndarray]:
-    """Encoded tensors in plan order, produced one ahead on a background thread.
-
-    At most three encoded tensors exist at once (being written, queued, just made) and one source tensor.
-    """
-    results: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce() -> None:
-        if device.type == "cpu":
-            # This thread only: float casts are memory-bound and the ggml quantizer brings its own threads, while
-            # torch's intra-op threads on a busy machine made BF16 conversion 2-3x slower (measured).
-            torch.set_num_threads(1)
-        try:
-            for entry in plan.entries:
-                if stop.is_set():
-                    return
-                with times.measure("read"):
-                    tensor = model.load(model.by_name[entry.name])
-                if tuple(tensor.shape) != entry.shape:
-                    raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says "
-                                     f"{list(entry.shape)}")
-                with times.measure("quantize"):
-                    encoded = encode_tensor(tensor, entry.type, entry.name, device, importance.get(entry.name))
-                del tensor      # the source is not kept while waiting for the queue
-                results.put(encoded)
-            results.put(None)
-        except BaseException as exc:  # handed to the writing thread, which raises it
-            results.put(exc)
-
-    worker = threading.Thread(target=produce, name="ewq-encode", daemon=True)
-    worker.start()
-    try:
-        while True:
-            try:
-                # a timeout, so that a signal taken by another thread still reaches this one's handler promptly
-                item = results.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                results.get(timeout=0.1)
-            except queue.Empty:
-                pass
-
-
 def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
     """Re-read the written file (or every part of a split) and check each tensor's name, type and size against the
     plan, that all tensor data the header promises is in the file, and a split's split.* keys against its parts.
 
-    The header is parsed with the project's GGUF header reader (validate.gguf_file), not gguf-py's GGUFReader: the
+    The header is parsed with the project's GGUF header reader (gguf_file.read), not gguf-py's GGUFReader: the
     latter builds a numpy view per vocabulary entry and costs seconds on every conversion for the same check.
     """
-    from .validate.gguf_file import read_gguf
+    from ..gguf_file import read_gguf
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     found: dict[str, tuple[str, int]] = {}
@@ -386,62 +264,3 @@ def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
             raise OutputError(f"the written file does not match the plan at tensor '{entry.name}'")
     if len(found) != len(plan.entries):
         raise OutputError("the written file holds tensors the plan does not name")
-
-
-class Interrupted(OutputError):
-    """SIGTERM or Ctrl-C arrived while writing; exits as a process killed by that signal would report it."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; nothing was written")
-        self.exit_code = 128 + signum
-
-
-INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class _SignalGuard:
-    """While active, SIGTERM and SIGINT raise Interrupted, so that the temporary files are removed on the way out.
-
-    The exception is raised wherever the main thread is, and code that catches every Exception there (tqdm does,
-    starting its monitor thread) would swallow it, so the signal is also recorded and `check()` raises it again at
-    the writer's safe points. After `hold()` (putting files in place, cleaning up: work that must finish) a signal
-    is only recorded; unless the write is already ending with Interrupted, it is raised again under the previous
-    handlers when the guard ends. A signal that is ignored when the guard starts gets no handler: it stays ignored,
-    so it is never recorded or raised again either.
-    """
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None     # the first signal, raised as Interrupted
-        self.held: Optional[int] = None         # a signal that came while holding
-        self.holding = False
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise Interrupted(self.received)
-
-    def hold(self) -> None:
-        self.holding = True
-
-    def _interrupt(self, signum: int, frame: object) -> None:
-        if self.holding:
-            self.held = self.held or signum
-            return
-        self.received = self.received or signum
-        raise Interrupted(signum)
-
-    @contextmanager
-    def active(self) -> Iterator["_SignalGuard"]:
-        if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
-            yield self
-            return
-        # A signal the process was started with ignored (`cmd &` in a script, nohup) stays ignored: whoever
-        # started us asked for this run not to be interrupted by it.
-        previous = {sig: signal.signal(sig, self._interrupt) for sig in INTERRUPTING_SIGNALS
-                    if signal.getsignal(sig) is not signal.SIG_IGN}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if self.held is not None and self.received is None:
-                signal.raise_signal(self.held)

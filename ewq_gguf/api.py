@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .calibrate import Calibration, load_importance
+from .calibrate.imatrix import ImportanceMatrix
+from .constants import DEFAULT_EVALUATION_CTX
 from .device import resolve_device
 from .errors import InputError
 from .gguf_file.header import planned_file_size
-from .calibrate.imatrix import ImportanceMatrix
-from .constants import DEFAULT_EVALUATION_CTX
 from .plan import Plan
 from .plan.registry import TYPE_ONLY_METHOD, PlanContext, planner_for
 from .plan.reuse import plan_from_file
@@ -135,8 +135,8 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
 
 
 def validate_written(model_dir: str | Path, written: Path, *, base: Optional[str | Path] = None,
-                     text: Optional[str | Path] = None, ctx: int = DEFAULT_EVALUATION_CTX, chunks: Optional[int] = None,
-                     allow_pickle: bool = False, progress: bool = True) -> list:
+                     text: Optional[str | Path] = None, ctx: int = DEFAULT_EVALUATION_CTX,
+                     chunks: Optional[int] = None, allow_pickle: bool = False, progress: bool = True) -> list:
     """Compare a freshly written GGUF with a reference through llama.cpp: KLD, top-1 agreement and PPL.
 
     The reference is `base` when given, else an F16 conversion of the same checkpoint made in a temporary folder

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ewq_gguf.calibrate import calibrate
-from ewq_gguf.calibrate.runner import calibration_tokens
 from ewq_gguf.calibrate.imatrix import ImportanceMatrix
+from ewq_gguf.calibrate.runner import calibration_tokens
 from ewq_gguf.source.model import open_checkpoint
 from llama_runner import gguf_logits
 from tiny_models import make_tiny_model

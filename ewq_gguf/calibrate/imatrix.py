@@ -127,7 +127,7 @@ def _load_gguf(path: Path) -> ImportanceMatrix:
         counts = tensors.get(name + IMATRIX_COUNTS_SUFFIX)
         if counts is None:
             raise InputError(f"{path}: '{name}' has sums but no counts")
-        if tensor.type_name != "F32" or counts.type_name != "F32":
+        if tensor.type != gguf.GGMLQuantizationType.F32 or counts.type != gguf.GGMLQuantizationType.F32:
             raise InputError(f"{path}: sums and counts of '{name}' must be F32")
         n_mat = counts.n_elements
         matrix.sums[name] = file.f32_values(tensor).astype(np.float64).reshape(n_mat, -1)

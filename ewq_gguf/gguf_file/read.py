@@ -33,10 +33,14 @@ _ARRAY = 9
 class TensorInfo:
     name: str
     shape: tuple[int, ...]      # GGUF order: the row length first
-    type_name: str
+    type: GGMLQuantizationType
     n_elements: int
     n_bytes: int
     offset: int                 # from the start of the tensor data
+
+    @property
+    def type_name(self) -> str:
+        return self.type.name
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class GgufFile:
 
     def f32_values(self, tensor: TensorInfo) -> np.ndarray:
         """The values of an F32 tensor, shaped in numpy's order (the row length last)."""
-        if tensor.type_name != GGMLQuantizationType.F32.name:
+        if tensor.type != GGMLQuantizationType.F32:
             raise InputError(f"{self.path}: tensor '{tensor.name}' is {tensor.type_name}, not F32")
         values = np.fromfile(self.path, dtype="<f4", count=tensor.n_elements, offset=self.data_offset + tensor.offset)
         return values.reshape(tuple(reversed(tensor.shape)))
@@ -209,7 +213,7 @@ def _parse(path: Path, file_size: int, view: mmap.mmap) -> GgufFile:
         for dim in shape:
             n_elements *= dim
         n_bytes = n_elements // block_size * type_size
-        tensors.append(TensorInfo(name, shape, quant_type.name, n_elements, n_bytes, offset))
+        tensors.append(TensorInfo(name, shape, quant_type, n_elements, n_bytes, offset))
 
     alignment = metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment < 1:

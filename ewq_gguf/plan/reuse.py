@@ -22,8 +22,7 @@ def requested_types(path: Path) -> tuple[dict[str, QType], str]:
     if not path.is_file():
         raise InputError(f"plan file not found: {path}")
     if path.suffix == ".gguf":
-        return ({tensor.name: QType[tensor.type_name] for tensor in read_gguf(path).tensors},
-                f"types copied from {path.name}")
+        return {tensor.name: tensor.type for tensor in read_gguf(path).tensors}, f"types copied from {path.name}"
     plan = Plan.from_json(path.read_text())
     return {entry.name: entry.requested for entry in plan.entries}, f"plan {path.name} ({plan.method})"
 

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from .codec import Codec
 from .chunking import encode_in_chunks
+from .codec import Codec
 from .ggml_arithmetic import all_finite, divide, first_absmax, low_byte, truncate_to_int
 from .packing import pack_nibbles, unpack_nibbles
 

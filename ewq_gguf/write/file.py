@@ -243,7 +243,7 @@ def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
     from ..gguf_file import read_gguf
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    found: dict[str, tuple[str, int]] = {}
+    found: dict[str, tuple[gguf.GGMLQuantizationType, int]] = {}
     for number, path in enumerate(paths):
         try:
             header = read_gguf(path)
@@ -258,9 +258,9 @@ def verify(paths: Path | Sequence[Path], plan: Plan) -> None:
         for tensor in header.tensors:
             if tensor.name in found:
                 raise OutputError(f"the written files hold tensor '{tensor.name}' twice")
-            found[tensor.name] = (tensor.type_name, tensor.n_bytes)
+            found[tensor.name] = (tensor.type, tensor.n_bytes)
     for entry in plan.entries:
-        if found.get(entry.name) != (entry.type.name, entry.nbytes):
+        if found.get(entry.name) != (entry.type, entry.nbytes):
             raise OutputError(f"the written file does not match the plan at tensor '{entry.name}'")
     if len(found) != len(plan.entries):
         raise OutputError("the written file holds tensors the plan does not name")

@@ -163,8 +163,6 @@ class BlockPasses:
                 raise StopForward
 
         def keep_output(module, args, output):
-            if output.requires_grad:
-                output.retain_grad()
             captured["output"] = output
 
         traces = state["traces"].setdefault(head_name, []) if head_name else None
@@ -192,16 +190,21 @@ class BlockPasses:
                 if head_name:
                     self._add_input(head_name, captured["input"])
                 log_probs = F.log_softmax(logits.float(), dim=-1)
+                drawn = self._draw(log_probs.detach(), index)
+                sampled_loss = -log_probs.gather(-1, drawn.unsqueeze(-1)).sum()
                 if head_name:
                     head_output = captured["output"]
                     # d logits / d head output, elementwise (1, or a soft-cap's or scale's derivative)
                     slope, = torch.autograd.grad(logits.sum(), head_output, retain_graph=True)
-                drawn = self._draw(log_probs.detach(), index)
-                (-log_probs.gather(-1, drawn.unsqueeze(-1)).sum()).backward()
-                gradients.write(index, last.grad)
+                    # both gradients returned, none accumulated in .grad: a .grad retained on the head's output
+                    # would also collect the slope above, adding sum_s h_s to every row's sampled head gradient
+                    last_gradient, head_gradient = torch.autograd.grad(sampled_loss, (last, head_output))
+                else:
+                    last_gradient, = torch.autograd.grad(sampled_loss, last)
+                gradients.write(index, last_gradient)
                 if head_name:
                     features = captured["input"].detach().reshape(-1, captured["input"].shape[-1]).float()
-                    deltas = head_output.grad.reshape(-1, head_output.shape[-1]).float()
+                    deltas = head_gradient.reshape(-1, head_output.shape[-1]).float()
                     # the head's own rows in expectation over the labels, not from the one draw: a row's estimate
                     # from a draw is large exactly where its token happened to be drawn
                     probabilities = log_probs.detach().exp().reshape(deltas.shape)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ewq_gguf.api import convert
 from ewq_gguf.calibrate import Calibration, calibrate, load_importance
+from ewq_gguf.calibrate.engine import spread_first
 from ewq_gguf.calibrate.runner import ModelRunner, calibration_tokens
 from ewq_gguf.calibrate.sensitivity import measure_sensitivities, slope_through_origin
 from ewq_gguf.errors import InputError
@@ -79,6 +80,17 @@ def test_head_sensitivity_matches_its_closed_form(tiny_llama, text_file):
     measured = measure_sensitivities(runner, ids, [0.02, 0.04], lambda name: None, progress=False,
                                      weights=[head])["output.weight"]
     assert measured.alpha == pytest.approx(expected, rel=0.1)
+
+
+@pytest.mark.parametrize("n_chunks, n_sampled, first", [(64, 8, [4, 12, 20, 28, 36, 44, 52, 60]), (5, 2, [1, 3]),
+                                                       (3, 3, [0, 1, 2]), (7, 1, [3])])
+def test_sensitivity_chunks_are_spread_over_the_text(n_chunks, n_sampled, first):
+    """The chunks sensitivities rest on come first, one from the middle of each equal stretch of the text (never
+    only its start, a title page or table of contents); the order is a permutation of all chunks."""
+    order = spread_first(n_chunks, n_sampled).tolist()
+    assert order[:n_sampled] == first
+    assert sorted(order) == list(range(n_chunks))
+    assert order[n_sampled:] == sorted(order[n_sampled:])
 
 
 def test_slope_fit_recovers_a_planted_quadratic():

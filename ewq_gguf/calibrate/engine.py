@@ -11,7 +11,8 @@ work folder beside the output, from which an interrupted run resumes (workfolder
 2. Sensitivities (the linearity theorem's alpha), by default from the Fisher information of the model's output,
    one backward pass per chunk over `sensitivity_tokens` tokens (passes.py); or, with sensitivity="noise", by noise
    injection into each weight of the whole model in memory (sensitivity.py), the reference the Fisher estimate is
-   checked against.
+   checked against. Either way on chunks spread evenly over the text, not its first ones: a text's start (a title
+   page, a table of contents) is rarely like the rest of it.
 3. Optionally the relative quantization error of each weight in each candidate type, without and with the
    importance vectors (quant_error.py), so that later plans of any size need no quantization at all.
 """
@@ -99,13 +100,18 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
                       f"{calibration_text.source} holds only {chunks.shape[0]} chunks of {ctx}", CalibrationWarning,
                       stacklevel=2)
     n_grad = min(int(chunks.shape[0]), -(-sensitivity_tokens // ctx)) if sensitivity == "fisher" else 0
+    noise_sequence = min(NOISE_SEQUENCE, int(chunks.shape[1]))
+    n_sampled = n_grad if sensitivity == "fisher" else min(int(chunks.shape[0]),
+                                                            -(-sensitivity_tokens // noise_sequence))
+    # the sampled chunks first: the passes and the noise injection take their sensitivity chunks from the start
+    chunks = chunks[spread_first(int(chunks.shape[0]), n_sampled)]
     seconds["load"] = time.perf_counter() - started
 
     imatrix = ImportanceMatrix(datasets=[str(calibration_text.source)], chunk_count=int(chunks.shape[0]),
                                chunk_size=int(chunks.shape[1]))
     key = {"format": CALIBRATION_FORMAT, "model": model_fingerprint(source), "text": calibration_text.sha256,
-           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad, "seed": seed,
-           "compute_dtype": str(model.compute_dtype)}
+           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad,
+           "chunk_order": "spread", "seed": seed, "compute_dtype": str(model.compute_dtype)}
 
     def bar(items, **options):
         return progress_bar(items, enabled=progress, **options)
@@ -135,9 +141,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         row_fisher = {}
         started = time.perf_counter()
         runner = ModelRunner(model_dir, source, torch_device)
-        sequence = min(NOISE_SEQUENCE, chunks.shape[1])
-        n_sequences = min(chunks.shape[0], max(1, -(-sensitivity_tokens // sequence)))
-        ids = chunks[:n_sequences, :sequence]
+        ids = chunks[:n_sampled, :noise_sequence]
         sensitivities = measure_sensitivities(runner, ids, list(noise_levels), imatrix.vectors().get,
                                               progress=progress)
         sensitivity_ids_count = int(ids.numel())
@@ -156,6 +160,14 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         add_error_tables(calibration, source, error_types, error_sample, torch_device, progress)
         seconds["errors"] = time.perf_counter() - started
     return calibration
+
+
+def spread_first(n_chunks: int, n_sampled: int) -> torch.Tensor:
+    """An order of n_chunks chunks that starts with n_sampled of them spread evenly over the text (the middle chunk
+    of each of n_sampled equal stretches), then the others in their order."""
+    sampled = [(2 * index + 1) * n_chunks // (2 * n_sampled) for index in range(n_sampled)]
+    chosen = set(sampled)
+    return torch.tensor(sampled + [index for index in range(n_chunks) if index not in chosen], dtype=torch.long)
 
 
 @contextmanager

@@ -92,3 +92,15 @@ def test_a_cost_that_is_not_a_number_is_refused(tiny_llama, alpha, t2):
     with pytest.raises(InputError, match=r"cannot plan 'blk\.1\.ffn_down\.weight': its predicted KL increase in "
                                          r"(Q4_K|Q8_0) is (nan|inf)"):
         candidate_choices(model, alphas, errors, parse_candidates("Q4_K,Q8_0"), "weighted")
+
+
+@pytest.mark.parametrize("metric, column", [("plain", 0), ("weighted", 1)])
+def test_each_metric_prices_its_own_error(tiny_llama, metric, column):
+    """Error tables hold [t2, t2_weighted]: the weighted metric prices t2_weighted (it once priced t2)."""
+    model = open_checkpoint(tiny_llama)
+    matrices = [spec.name for spec in model.specs if spec.is_matrix]
+    errors = {name: {"Q8_0": [0.001, 0.002], "Q4_K": [0.01, 0.03]} for name in matrices}
+    choices = candidate_choices(model, dict.fromkeys(matrices, 2.0), errors, parse_candidates("Q4_K,Q8_0"), metric)
+    for name in matrices:
+        assert {choice.qtype.name: choice.predicted_kld for choice in choices[name]} == {
+            qtype: pytest.approx(2.0 * measured[column]) for qtype, measured in errors[name].items()}

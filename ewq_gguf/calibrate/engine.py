@@ -128,17 +128,18 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
             started = time.perf_counter()
             passes.backward()
             passes.embedding()
-            sensitivities = {name: _fisher_sensitivity(traces, work.state["norms"][name], int(chunks.shape[1]),
-                                                       work.state["row_traces"].get(name))
+            sensitivities = {name: _fisher_sensitivity(traces, work.state["norms"][name], int(chunks.shape[1]))
                              for name, traces in work.state["traces"].items()}
             gradient_tokens = n_grad * int(chunks.shape[1])
-            row_fisher = {name: (rows / gradient_tokens).tolist() for name, rows in passes.row_fisher.items()}
+            row_fisher = {name: (rows / gradient_tokens).tolist() for name, rows in passes.fisher_rows.items()}
+            column_fisher = {name: (columns / gradient_tokens).tolist()
+                             for name, columns in passes.fisher_columns.items()}
             seconds["sensitivity"] = time.perf_counter() - started
             sensitivity_ids_count = n_grad * int(chunks.shape[1])
     compute_dtype_used = model.compute_dtype
     del model, passes
     if sensitivity == "noise":
-        row_fisher = {}
+        row_fisher, column_fisher = {}, {}
         started = time.perf_counter()
         runner = ModelRunner(model_dir, source, torch_device)
         ids = chunks[:n_sampled, :noise_sequence]
@@ -153,6 +154,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         text=str(calibration_text.source), text_sha256=calibration_text.sha256, tokens=int(chunks.numel()),
         ctx=int(chunks.shape[1]), device=f"{torch_device} {str(compute_dtype_used).removeprefix('torch.')}", lim=lim, sensitivity=sensitivities,
         sensitivity_tokens=sensitivity_ids_count, sensitivity_method=sensitivity, row_fisher=row_fisher,
+        column_fisher=column_fisher,
         noise_levels=[float(level) for level in noise_levels] if sensitivity == "noise" else [],
         seconds=seconds, imatrix=imatrix)
     if error_types:
@@ -179,9 +181,8 @@ def _work_folder(work_dir: Optional[str | Path], key: dict) -> Iterator[WorkFold
         yield WorkFolder(Path(temporary) / "work", key)
 
 
-def _fisher_sensitivity(traces: list[float], norms: list, tokens_per_chunk: int,
-                        row_traces: Optional[list[float]]) -> Sensitivity:
-    alphas, weighted = chunk_alphas(traces, norms, tokens_per_chunk, row_traces)
+def _fisher_sensitivity(traces: list[float], norms: list, tokens_per_chunk: int) -> Sensitivity:
+    alphas, weighted = chunk_alphas(traces, norms, tokens_per_chunk)
     return Sensitivity(alpha=float(alphas.mean()), alpha_weighted=float(weighted.mean()),
                        samples=alphas.tolist(), samples_weighted=weighted.tolist())
 
@@ -190,10 +191,9 @@ def add_error_tables(calibration: Calibration, source: SourceModel, types: Seque
                      progress: bool) -> None:
     """Fill calibration.errors for `types`: "plain" quantization and quantization with its own importance vectors."""
     vectors = calibration.imatrix.vectors()
-    row_weights = calibration.row_weights
     specs = [spec for spec in source.specs if spec.is_matrix and spec.name in calibration.sensitivity]
     calibration.error_sample = sample
-    calibration.errors["plain"] = error_table(source, specs, types, lambda name: None, vectors.get, sample=sample,
-                                              device=device, progress=progress, row_weights=row_weights)
-    calibration.errors["imatrix"] = error_table(source, specs, types, vectors.get, vectors.get, sample=sample,
-                                                device=device, progress=progress, row_weights=row_weights)
+    calibration.errors["plain"] = error_table(source, specs, types, lambda name: None, calibration.error_weights,
+                                              sample=sample, device=device, progress=progress)
+    calibration.errors["imatrix"] = error_table(source, specs, types, vectors.get, calibration.error_weights,
+                                                sample=sample, device=device, progress=progress)

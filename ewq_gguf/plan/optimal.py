@@ -7,10 +7,10 @@ multiple-choice knapsack solved exactly by dynamic programming over the byte bud
 Sizes are rounded up to whole units and the budget down, so the plan never exceeds it; the optimum is exact for
 unit = 1 and at most one unit per weight from the exact optimum otherwise (the DP uses about 200,000 units).
 
-Which error metric: "weighted" measures the error with input columns weighted by their mean squared activation
-(what reaches the layer's output; importance-weighted quantization lowers exactly this), and, for the vocabulary's
-matrices of a gradient calibration, with rows weighted by their Fisher mass (how often a token is read or
-predicted); "plain" is the Frobenius ratio of METHODS.md.
+Which error metric: "weighted" weighs each element of the error as the calibration does (Calibration.error_weights:
+from gradients, by the outer product of the Fisher information's row and column sums, which predicts a quantization
+error's KL as the Fisher's whole diagonal does; from noise injection, by the input columns' mean squared activation);
+"plain" is the Frobenius ratio of METHODS.md.
 
 File size: a GGUF file is its header (metadata, the tokenizer, the plan itself as ewq.plan, the tensor table) padded
 to the data alignment, then each tensor padded to it. The DP counts padded tensor sizes; the header depends on the
@@ -35,7 +35,9 @@ from .entries import entry_for
 from .plan import Plan
 
 DEFAULT_RESOLUTION = 200_000
-METRICS = ("weighted", "plain")
+# each metric's column in the error tables, [t2, t2_weighted] (quant_error.error_table)
+METRIC_COLUMNS = {"plain": 0, "weighted": 1}
+METRICS = tuple(METRIC_COLUMNS)
 DEFAULT_METRIC = "weighted"
 # Every type we encode; the ones a row length cannot hold are dropped per weight.
 DEFAULT_CANDIDATES = tuple(qtype for qtype in CODECS)
@@ -133,7 +135,7 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
     """Per optimised weight, its choices: the types its candidates are stored as (see stored_types) whose error
     was measured. InputError when a choice's predicted KL (the DP's cost) is not finite: the DP would silently drop
     a NaN choice and could return a plan over the budget."""
-    column = METRICS.index(metric)
+    column = METRIC_COLUMNS[metric]
     choices = {}
     for spec in model.specs:
         if not spec.is_matrix or spec.name not in alphas:
@@ -246,14 +248,12 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
            for spec in specs):
         errors = cached
     else:
-        vectors = calibration.imatrix.vectors()
         quant_vectors = importance.vectors() if importance is not None else {}
         measured_types = list(dict.fromkeys(qtype for spec in specs for qtype in stored_types(candidates,
                                                                                              spec.shape[-1])))
-        errors = error_table(model, specs, measured_types, quant_vectors.get, vectors.get,
+        errors = error_table(model, specs, measured_types, quant_vectors.get, calibration.error_weights,
                              sample=calibration.error_sample or DEFAULT_SAMPLE,
-                             device=device or torch.device("cpu"), progress=progress,
-                             row_weights=calibration.row_weights)
+                             device=device or torch.device("cpu"), progress=progress)
     choices = candidate_choices(model, alphas, errors, candidates, metric)
     params = {"metric": metric, "types": [qtype.name for qtype in candidates],
               "imatrix": variant or "other", "calibration_text": calibration.text,
@@ -288,7 +288,7 @@ def _cached_variant(calibration: Calibration, importance: Optional[ImportanceMat
 def predicted_kld(plan: Plan, calibration: Calibration, variant: str = "plain", metric: str = DEFAULT_METRIC) -> Optional[float]:
     """The linearity theorem's prediction for any plan: sum of alpha x t2 over its weights, from the calibration's
     error table `variant` ("plain" or "imatrix"); None when the table lacks one of the plan's (weight, type)."""
-    column = METRICS.index(metric)
+    column = METRIC_COLUMNS[metric]
     table = calibration.errors.get(variant, {})
     total = 0.0
     for entry in plan.entries:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ewq_gguf.api import convert
 from ewq_gguf.calibrate import Calibration, calibrate, load_importance
 from ewq_gguf.calibrate.engine import spread_first
+from ewq_gguf.calibrate.quant_error import RowStrata, relative_errors
 from ewq_gguf.calibrate.runner import ModelRunner, calibration_tokens
 from ewq_gguf.calibrate.sensitivity import measure_sensitivities, slope_through_origin
 from ewq_gguf.errors import InputError
@@ -91,6 +92,28 @@ def test_sensitivity_chunks_are_spread_over_the_text(n_chunks, n_sampled, first)
     assert order[:n_sampled] == first
     assert sorted(order) == list(range(n_chunks))
     assert order[n_sampled:] == sorted(order[n_sampled:])
+
+
+def test_two_row_strata_measure_a_weight_whose_mass_sits_on_a_few_rows():
+    """Most of a weight's Fisher mass on two rows whose values have outliers (a larger relative error than the
+    rest's): the heavy rows measured exactly plus an even sample of the others give the whole weight's weighted
+    error, where an even sample of as many rows misses them; with rows enough for all, the strata are exact."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn((512, 256), generator=generator)
+    heavy = [7, 300]
+    # Student's t with 2 degrees of freedom: a normal over the root of a mean of 2 squared normals
+    weight[heavy] = torch.randn((2, 256), generator=generator) / (
+        torch.randn((2, 256, 2), generator=generator).pow(2).mean(-1).sqrt())
+    row_weights = torch.ones(512, dtype=torch.float64)
+    row_weights[heavy] = 1000.0
+    column_weights = torch.rand(256, generator=generator).double()
+    exact = relative_errors(weight, QType.Q4_0, None, row_weights, column_weights)
+    strata = RowStrata(weight, row_weights, column_weights, n_rows=32).errors(QType.Q4_0, None)
+    assert strata == pytest.approx(exact, rel=0.03)
+    even = torch.linspace(0, 511, 32).round().long()
+    sampled = relative_errors(weight[even], QType.Q4_0, None, row_weights[even], column_weights)[1]
+    assert abs(sampled / exact[1] - 1) > 0.2
+    assert RowStrata(weight, row_weights, column_weights, n_rows=512).errors(QType.Q4_0, None) == pytest.approx(exact)
 
 
 def test_slope_fit_recovers_a_planted_quadratic():

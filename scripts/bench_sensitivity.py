@@ -90,7 +90,10 @@ def main() -> None:
                   for method in SENSITIVITY_METHODS}
         positive = values["noise"] > 0
         ratio = values["fisher"][positive] / values["noise"][positive]
-        agreement.append(f"{'alpha_weighted' if weighted else 'alpha'}: Spearman "
+        # each method's alpha_weighted goes with its own error weighting (Calibration.error_weights): fisher's with
+        # the Fisher's rows and columns, noise's with the activations' columns
+        label = "alpha_weighted (each with its own error weighting)" if weighted else "alpha"
+        agreement.append(f"{label}: Spearman "
                          f"**{spearman(values['fisher'], values['noise']):.3f}** over {len(names)} weights, "
                          f"fisher/noise median {np.median(ratio):.3f}, 5-95% {np.percentile(ratio, 5):.3f}.."
                          f"{np.percentile(ratio, 95):.3f}")

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from ewq_gguf.api import convert
 from ewq_gguf.calibrate import Calibration, calibrate, load_importance
+from ewq_gguf.calibrate.engine import spread_first
+from ewq_gguf.calibrate.quant_error import RowStrata, relative_errors
 from ewq_gguf.calibrate.runner import ModelRunner, calibration_tokens
 from ewq_gguf.calibrate.sensitivity import measure_sensitivities, slope_through_origin
 from ewq_gguf.errors import InputError
@@ -80,6 +82,39 @@ def test_head_sensitivity_matches_its_closed_form(tiny_llama, text_file):
     measured = measure_sensitivities(runner, ids, [0.02, 0.04], lambda name: None, progress=False,
                                      weights=[head])["output.weight"]
     assert measured.alpha == pytest.approx(expected, rel=0.1)
+
+
+@pytest.mark.parametrize("n_chunks, n_sampled, first", [(64, 8, [4, 12, 20, 28, 36, 44, 52, 60]), (5, 2, [1, 3]),
+                                                       (3, 3, [0, 1, 2]), (7, 1, [3])])
+def test_sensitivity_chunks_are_spread_over_the_text(n_chunks, n_sampled, first):
+    """The chunks sensitivities rest on come first, one from the middle of each equal stretch of the text (never
+    only its start, a title page or table of contents); the order is a permutation of all chunks."""
+    order = spread_first(n_chunks, n_sampled).tolist()
+    assert order[:n_sampled] == first
+    assert sorted(order) == list(range(n_chunks))
+    assert order[n_sampled:] == sorted(order[n_sampled:])
+
+
+def test_two_row_strata_measure_a_weight_whose_mass_sits_on_a_few_rows():
+    """Most of a weight's Fisher mass on two rows whose values have outliers (a larger relative error than the
+    rest's): the heavy rows measured exactly plus an even sample of the others give the whole weight's weighted
+    error, where an even sample of as many rows misses them; with rows enough for all, the strata are exact."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn((512, 256), generator=generator)
+    heavy = [7, 300]
+    # Student's t with 2 degrees of freedom: a normal over the root of a mean of 2 squared normals
+    weight[heavy] = torch.randn((2, 256), generator=generator) / (
+        torch.randn((2, 256, 2), generator=generator).pow(2).mean(-1).sqrt())
+    row_weights = torch.ones(512, dtype=torch.float64)
+    row_weights[heavy] = 1000.0
+    column_weights = torch.rand(256, generator=generator).double()
+    exact = relative_errors(weight, QType.Q4_0, None, row_weights, column_weights)
+    strata = RowStrata(weight, row_weights, column_weights, n_rows=32).errors(QType.Q4_0, None)
+    assert strata == pytest.approx(exact, rel=0.03)
+    even = torch.linspace(0, 511, 32).round().long()
+    sampled = relative_errors(weight[even], QType.Q4_0, None, row_weights[even], column_weights)[1]
+    assert abs(sampled / exact[1] - 1) > 0.2
+    assert RowStrata(weight, row_weights, column_weights, n_rows=512).errors(QType.Q4_0, None) == pytest.approx(exact)
 
 
 def test_slope_fit_recovers_a_planted_quadratic():

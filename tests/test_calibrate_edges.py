@@ -48,7 +48,7 @@ def zero_weight_model(tmp_path_factory) -> Path:
                          ids=lambda t: t.name)
 def test_an_all_zero_weight_has_no_error(qtype):
     """Zeros are stored exactly in every type: relative error 0, not 0/0."""
-    assert relative_errors(torch.zeros(4, 256), qtype, None, torch.rand(256)) == (0.0, 0.0)
+    assert relative_errors(torch.zeros(4, 256), qtype, None, torch.rand(4), torch.rand(256)) == (0.0, 0.0)
 
 
 def test_optimal_plan_of_a_model_with_an_all_zero_weight(zero_weight_model, short_text):

@@ -113,3 +113,15 @@ def test_mxfp4_is_a_default_candidate_of_expert_tensors_only():
 
     assert offered(parse_candidates(None)) == {experts.name: {"Q8_0", "MXFP4"}, dense.name: {"Q8_0"}}
     assert offered(parse_candidates("MXFP4,Q8_0")) == dict.fromkeys(alphas, {"Q8_0", "MXFP4"})
+
+
+@pytest.mark.parametrize("metric, column", [("plain", 0), ("weighted", 1)])
+def test_each_metric_prices_its_own_error(tiny_llama, metric, column):
+    """Error tables hold [t2, t2_weighted]: the weighted metric prices t2_weighted (it once priced t2)."""
+    model = open_checkpoint(tiny_llama)
+    matrices = [spec.name for spec in model.specs if spec.is_matrix]
+    errors = {name: {"Q8_0": [0.001, 0.002], "Q4_K": [0.01, 0.03]} for name in matrices}
+    choices = candidate_choices(model, dict.fromkeys(matrices, 2.0), errors, parse_candidates("Q4_K,Q8_0"), metric)
+    for name in matrices:
+        assert {choice.qtype.name: choice.predicted_kld for choice in choices[name]} == {
+            qtype: pytest.approx(2.0 * measured[column]) for qtype, measured in errors[name].items()}

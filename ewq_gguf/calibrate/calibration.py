@@ -2,8 +2,8 @@
 
 Saved as CALIB.json plus a sibling CALIB.imatrix.gguf (llama-imatrix's GGUF format, so llama-quantize --imatrix
 reads ours too). The JSON holds, per block, the LIM score; per weight, the sensitivity alpha (from gradients, with
-one estimate per calibration sequence, or from noise injection, with its raw measurements); and, when measured, the
-relative quantization error of every candidate type.
+one estimate per calibration sequence and the Fisher information's row and column sums, or from noise injection,
+with its raw measurements); and, when measured, the relative quantization error of every candidate type.
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from ..errors import InputError
 from .imatrix import UNIT, ImportanceMatrix
 from ..source.model import SourceModel
 
-CALIBRATION_FORMAT = 2
-READABLE_FORMATS = (1, 2)    # format 1: noise-injection sensitivities only, no per-sequence samples
+CALIBRATION_FORMAT = 3
+# format 1: noise-injection sensitivities only, no per-sequence samples; format 2: Fisher rows for the vocabulary's
+# matrices only, which weigh their errors by row alone
+READABLE_FORMATS = (1, 2, 3)
 IMATRIX_SUFFIX = ".imatrix.gguf"
 
 
@@ -37,8 +39,8 @@ def model_fingerprint(model: SourceModel) -> str:
 @dataclass
 class Sensitivity:
     """How much one weight's error costs: the predicted KL increase of an error of relative size t2 is alpha * t2
-    (alpha_weighted * t2_weighted for errors measured with the importance vectors a_j, the columns' mean squared
-    activations: t2_weighted = sum_j a_j ||E_:j||^2 / sum_j a_j ||W_:j||^2).
+    (alpha_weighted * t2_weighted for errors weighted element by element, Calibration.error_weights:
+    t2_weighted = sum_ij r_i c_j E_ij^2 / sum_ij r_i c_j W_ij^2).
 
     From gradients (passes.py): samples[k] is the estimate from calibration sequence k alone, alpha their mean; the
     spread over sequences is the uncertainty. From noise injection: t2[k] = ||E||^2 / ||W||^2 (exactly the level asked
@@ -74,8 +76,10 @@ class Calibration:
     # quantization errors: "plain" | "imatrix" -> weight -> type -> [t2, t2_weighted]
     errors: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     error_sample: int = 0                      # elements per weight the errors were measured on (0: all)
-    # vocabulary weights (gradient calibrations): per row, its Fisher mass per token; weighs their errors by row
+    # gradient calibrations: per weight, the Fisher information per token summed over each row (in the file's row
+    # order) and over each column; their outer product weighs its errors
     row_fisher: dict[str, list[float]] = field(default_factory=dict)
+    column_fisher: dict[str, list[float]] = field(default_factory=dict)
     imatrix: ImportanceMatrix = field(default_factory=ImportanceMatrix)
 
     def check_matches(self, model: SourceModel) -> None:
@@ -86,10 +90,16 @@ class Calibration:
     def lim_scores(self) -> np.ndarray:
         return np.asarray(self.lim, dtype=np.float64)
 
-    def row_weights(self, name: str) -> Optional[torch.Tensor]:
-        """The per-row weights of a vocabulary weight's errors, or None (its errors are weighted by column)."""
-        rows = self.row_fisher.get(name)
-        return torch.tensor(rows, dtype=torch.float64) if rows else None
+    def error_weights(self, name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(row weights r, column weights c) of a weight's weighted errors, None for even ones: its Fisher row and
+        column sums from a gradient calibration; for a noise-injection calibration, its importance vector's columns
+        (the mean squared activations the noise was weighted by)."""
+        rows, columns = self.row_fisher.get(name), self.column_fisher.get(name)
+        if not rows and not columns:
+            vector = self.imatrix.vector(name)
+            return None, (None if vector is None else torch.from_numpy(vector).double())
+        return (torch.tensor(rows, dtype=torch.float64) if rows else None,
+                torch.tensor(columns, dtype=torch.float64) if columns else None)
 
     def alpha(self, name: str, weighted: bool) -> Optional[float]:
         measured = self.sensitivity.get(name)

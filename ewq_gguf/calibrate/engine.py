@@ -11,7 +11,8 @@ work folder beside the output, from which an interrupted run resumes (workfolder
 2. Sensitivities (the linearity theorem's alpha), by default from the Fisher information of the model's output,
    one backward pass per chunk over `sensitivity_tokens` tokens (passes.py); or, with sensitivity="noise", by noise
    injection into each weight of the whole model in memory (sensitivity.py), the reference the Fisher estimate is
-   checked against.
+   checked against. Either way on chunks spread evenly over the text, not its first ones: a text's start (a title
+   page, a table of contents) is rarely like the rest of it.
 3. Optionally the relative quantization error of each weight in each candidate type, without and with the
    importance vectors (quant_error.py), so that later plans of any size need no quantization at all.
 """
@@ -95,13 +96,18 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
                       f"{calibration_text.source} holds only {chunks.shape[0]} chunks of {ctx}", CalibrationWarning,
                       stacklevel=2)
     n_grad = min(int(chunks.shape[0]), -(-sensitivity_tokens // ctx)) if sensitivity == "fisher" else 0
+    noise_sequence = min(NOISE_SEQUENCE, int(chunks.shape[1]))
+    n_sampled = n_grad if sensitivity == "fisher" else min(int(chunks.shape[0]),
+                                                            -(-sensitivity_tokens // noise_sequence))
+    # the sampled chunks first: the passes and the noise injection take their sensitivity chunks from the start
+    chunks = chunks[spread_first(int(chunks.shape[0]), n_sampled)]
     seconds["load"] = time.perf_counter() - started
 
     imatrix = ImportanceMatrix(datasets=[str(calibration_text.source)], chunk_count=int(chunks.shape[0]),
                                chunk_size=int(chunks.shape[1]))
     key = {"format": CALIBRATION_FORMAT, "model": model_fingerprint(source), "text": calibration_text.sha256,
-           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad, "seed": seed,
-           "compute_dtype": str(model.compute_dtype)}
+           "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad,
+           "chunk_order": "spread", "seed": seed, "compute_dtype": str(model.compute_dtype)}
 
     def bar(items, **options):
         return progress_bar(items, enabled=progress, **options)
@@ -125,22 +131,21 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
             started = time.perf_counter()
             passes.backward()
             passes.embedding()
-            sensitivities = {name: _fisher_sensitivity(traces, work.state["norms"][name], int(chunks.shape[1]),
-                                                       work.state["row_traces"].get(name))
+            sensitivities = {name: _fisher_sensitivity(traces, work.state["norms"][name], int(chunks.shape[1]))
                              for name, traces in work.state["traces"].items()}
             gradient_tokens = n_grad * int(chunks.shape[1])
-            row_fisher = {name: (rows / gradient_tokens).tolist() for name, rows in passes.row_fisher.items()}
+            row_fisher = {name: (rows / gradient_tokens).tolist() for name, rows in passes.fisher_rows.items()}
+            column_fisher = {name: (columns / gradient_tokens).tolist()
+                             for name, columns in passes.fisher_columns.items()}
             seconds["sensitivity"] = time.perf_counter() - started
             sensitivity_ids_count = n_grad * int(chunks.shape[1])
     compute_dtype_used = model.compute_dtype
     del model, passes
     if sensitivity == "noise":
-        row_fisher = {}
+        row_fisher, column_fisher = {}, {}
         started = time.perf_counter()
         runner = ModelRunner(model_dir, source, torch_device)
-        sequence = min(NOISE_SEQUENCE, chunks.shape[1])
-        n_sequences = min(chunks.shape[0], max(1, -(-sensitivity_tokens // sequence)))
-        ids = chunks[:n_sequences, :sequence]
+        ids = chunks[:n_sampled, :noise_sequence]
         sensitivities = measure_sensitivities(runner, ids, list(noise_levels), imatrix.vectors().get,
                                               progress=progress)
         sensitivity_ids_count = int(ids.numel())
@@ -152,6 +157,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         text=str(calibration_text.source), text_sha256=calibration_text.sha256, tokens=int(chunks.numel()),
         ctx=int(chunks.shape[1]), device=f"{torch_device} {str(compute_dtype_used).removeprefix('torch.')}", lim=lim, sensitivity=sensitivities,
         sensitivity_tokens=sensitivity_ids_count, sensitivity_method=sensitivity, row_fisher=row_fisher,
+        column_fisher=column_fisher,
         noise_levels=[float(level) for level in noise_levels] if sensitivity == "noise" else [],
         seconds=seconds, imatrix=imatrix)
     if error_types:
@@ -159,6 +165,14 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         add_error_tables(calibration, source, error_types, error_sample, progress)
         seconds["errors"] = time.perf_counter() - started
     return calibration
+
+
+def spread_first(n_chunks: int, n_sampled: int) -> torch.Tensor:
+    """An order of n_chunks chunks that starts with n_sampled of them spread evenly over the text (the middle chunk
+    of each of n_sampled equal stretches), then the others in their order."""
+    sampled = [(2 * index + 1) * n_chunks // (2 * n_sampled) for index in range(n_sampled)]
+    chosen = set(sampled)
+    return torch.tensor(sampled + [index for index in range(n_chunks) if index not in chosen], dtype=torch.long)
 
 
 @contextmanager
@@ -170,9 +184,8 @@ def _work_folder(work_dir: Optional[str | Path], key: dict) -> Iterator[WorkFold
         yield WorkFolder(Path(temporary) / "work", key)
 
 
-def _fisher_sensitivity(traces: list[float], norms: list, tokens_per_chunk: int,
-                        row_traces: Optional[list[float]]) -> Sensitivity:
-    alphas, weighted = chunk_alphas(traces, norms, tokens_per_chunk, row_traces)
+def _fisher_sensitivity(traces: list[float], norms: list, tokens_per_chunk: int) -> Sensitivity:
+    alphas, weighted = chunk_alphas(traces, norms, tokens_per_chunk)
     return Sensitivity(alpha=float(alphas.mean()), alpha_weighted=float(weighted.mean()),
                        samples=alphas.tolist(), samples_weighted=weighted.tolist())
 
@@ -184,5 +197,4 @@ def add_error_tables(calibration: Calibration, source: SourceModel, types: Seque
     specs = [spec for spec in source.specs if spec.is_matrix and spec.name in calibration.sensitivity]
     calibration.error_sample = sample
     calibration.errors.update(error_tables(source, specs, types, {"plain": lambda name: None, "imatrix": vectors.get},
-                                           vectors.get, sample=sample, progress=progress,
-                                           row_weights=calibration.row_weights))
+                                           calibration.error_weights, sample=sample, progress=progress))

@@ -15,7 +15,8 @@ also runs through the model's own forward, with the blocks standing aside (`embe
 Precision: the weights outside the blocks, the hidden states between blocks and the logits are float32. The blocks
 compute in `compute_dtype`: float32, or bfloat16 for a checkpoint stored in bfloat16 where bfloat16 is fast (a GPU,
 or a CPU with AVX512-BF16 or AMX, where it runs about 3x float32's rate); norms and softmax inside the blocks run in
-float32 as transformers' own layers make them.
+float32 as transformers' own layers make them. A pass may ask for float32 blocks instead (`block`'s dtype): the
+calibration runs the chunks it takes gradients on in float32 throughout.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ class StreamedModel:
         self._materialise(self.embedding, dtype=None)
         if self.tied:
             self.head.weight = self.embedding.weight
-        self.layer_kwargs: list[tuple[tuple, dict[str, Any]]] = []
+        self.layer_kwargs: dict[torch.dtype, list[tuple[tuple, dict[str, Any]]]] = {}
         self.returns_tuple: Optional[bool] = None
 
     # --- weights -------------------------------------------------------------------------------------------------
@@ -152,10 +153,12 @@ class StreamedModel:
                     other._parameters[key] = parameter
 
     @contextmanager
-    def block(self, index: int, requires_grad: bool = False) -> Iterator[torch.nn.Module]:
-        """Block `index` with its weights read from the checkpoint; dropped (back to meta) when the context ends."""
+    def block(self, index: int, requires_grad: bool = False,
+              dtype: Optional[torch.dtype] = None) -> Iterator[torch.nn.Module]:
+        """Block `index` with its weights read from the checkpoint in `dtype` (None: the compute dtype); dropped
+        (back to meta) when the context ends."""
         layer = self.layers[index]
-        self._materialise(layer, requires_grad=requires_grad, dtype=self.compute_dtype)
+        self._materialise(layer, requires_grad=requires_grad, dtype=dtype or self.compute_dtype)
         try:
             yield layer
         finally:
@@ -206,10 +209,11 @@ class StreamedModel:
         for args, kwargs in recorded:
             kwargs.pop("hidden_states", None)
             kwargs["use_cache"] = False
-        # in the blocks' dtype once, not at every call: rotary tables made in float32 would otherwise promote the
-        # queries and keys of bfloat16 blocks back to float32
-        self.layer_kwargs = [(_cast_floats(args, self.compute_dtype), _cast_floats(kwargs, self.compute_dtype))
-                             for args, kwargs in recorded]
+        # in each dtype blocks run in, once, not at every call: rotary tables made in float32 would otherwise promote
+        # the queries and keys of bfloat16 blocks back to float32
+        self.layer_kwargs = {dtype: [(_cast_floats(args, dtype), _cast_floats(kwargs, dtype))
+                                     for args, kwargs in recorded]
+                             for dtype in {self.compute_dtype, torch.float32}}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Block 0's input for the chunk `ids` (1, ctx) in float32, as the decoder computes it (with autograd to
@@ -230,9 +234,10 @@ class StreamedModel:
         return caught[0].float()
 
     def run_block(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Block `index` on a float32 hidden state, in the compute dtype; its output in float32 (differentiable)."""
-        args, kwargs = self.layer_kwargs[index]
-        output = layer(hidden.to(self.compute_dtype), *args, **kwargs)
+        """Block `index` on a float32 hidden state, in its weights' dtype; its output in float32 (differentiable)."""
+        dtype = next(layer.parameters()).dtype
+        args, kwargs = self.layer_kwargs[dtype][index]
+        output = layer(hidden.to(dtype), *args, **kwargs)
         self.returns_tuple = isinstance(output, (tuple, list))
         return (output[0] if self.returns_tuple else output).float()
 

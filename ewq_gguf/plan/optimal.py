@@ -8,10 +8,10 @@ multiple-choice knapsack solved exactly by dynamic programming over the byte bud
 Sizes are rounded up to whole units and the budget down, so the plan never exceeds it; the optimum is exact for
 unit = 1 and at most one unit per weight from the exact optimum otherwise (the DP uses about 200,000 units).
 
-Which error metric: "weighted" measures the error with input columns weighted by their mean squared activation
-(what reaches the layer's output; importance-weighted quantization lowers exactly this), and, for the vocabulary's
-matrices of a gradient calibration, with rows weighted by their Fisher mass (how often a token is read or
-predicted); "plain" is the plain relative error ||W_hat - W||_F^2 / ||W||_F^2.
+Which error metric: "weighted" weighs each element of the error as the calibration does (Calibration.error_weights:
+from gradients, by the outer product of the Fisher information's row and column sums, which predicts a quantization
+error's KL as the Fisher's whole diagonal does; from noise injection, by the input columns' mean squared activation);
+"plain" is the plain relative error ||W_hat - W||_F^2 / ||W||_F^2.
 
 File size: a GGUF file is its header (metadata, the tokenizer, the plan itself as ewq.plan, the tensor table) padded
 to the data alignment, then each tensor padded to it. The DP counts padded tensor sizes; the header depends on the
@@ -39,7 +39,9 @@ from .plan import Plan
 from .registry import PlanContext, option, register_planner
 
 DEFAULT_RESOLUTION = 200_000
-METRICS = ("weighted", "plain")
+# each metric's column in the error tables, [t2, t2_weighted] (quant_error.error_tables)
+METRIC_COLUMNS = {"plain": 0, "weighted": 1}
+METRICS = tuple(METRIC_COLUMNS)
 DEFAULT_METRIC = "weighted"
 
 
@@ -142,7 +144,7 @@ def candidate_choices(model: SourceModel, alphas: dict[str, float], errors: dict
     """Per optimised weight, its choices: the types its candidates are stored as (see stored_types) whose error
     was measured. InputError when a choice's predicted KL (the DP's cost) is not finite: the DP would silently drop
     a NaN choice and could return a plan over the budget."""
-    column = METRICS.index(metric)
+    column = METRIC_COLUMNS[metric]
     choices = {}
     for spec in model.specs:
         if not spec.is_matrix or spec.name not in alphas:
@@ -256,12 +258,11 @@ def plan_for_target(model: SourceModel, calibration: Calibration, file_size: Cal
     if all(all(qtype.name in cached.get(spec.name, {}) for qtype in stored[spec.name]) for spec in specs):
         errors = cached
     else:
-        vectors = calibration.imatrix.vectors()
         quant_vectors = importance.vectors() if importance is not None else {}
         measured_types = list(dict.fromkeys(qtype for spec in specs for qtype in stored[spec.name]))
-        errors = error_tables(model, specs, measured_types, {"measured": quant_vectors.get}, vectors.get,
-                              sample=calibration.error_sample or DEFAULT_SAMPLE, progress=progress,
-                              row_weights=calibration.row_weights)["measured"]
+        errors = error_tables(model, specs, measured_types, {"measured": quant_vectors.get},
+                              calibration.error_weights, sample=calibration.error_sample or DEFAULT_SAMPLE,
+                              progress=progress)["measured"]
     choices = candidate_choices(model, alphas, errors, candidates, metric)
     asked = dict.fromkeys(qtype.name for spec in specs for qtype in weight_candidates(candidates, spec))
     params = {"metric": metric, "types": list(asked),
@@ -297,7 +298,7 @@ def _cached_variant(calibration: Calibration, importance: Optional[ImportanceMat
 def predicted_kld(plan: Plan, calibration: Calibration, variant: str = "plain", metric: str = DEFAULT_METRIC) -> Optional[float]:
     """The linearity theorem's prediction for any plan: sum of alpha x t2 over its weights, from the calibration's
     error table `variant` ("plain" or "imatrix"); None when the table lacks one of the plan's (weight, type)."""
-    column = METRICS.index(metric)
+    column = METRIC_COLUMNS[metric]
     table = calibration.errors.get(variant, {})
     total = 0.0
     for entry in plan.entries:

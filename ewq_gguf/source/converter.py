@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import gguf
 import torch
@@ -98,6 +98,7 @@ class Conversion:
     n_blocks: int
     metadata: dict[str, Any]         # key -> gguf-py GGUFValue, in the converter's order
     tensors: list[ConvertedTensor]
+    leaves: dict[int, str]           # id of a lazy leaf in the tensors' graphs -> the checkpoint tensor it loads
 
     def gguf_names(self) -> dict[str, str]:
         """checkpoint tensor name -> the GGUF tensor made from it (experts: the stacked tensor)."""
@@ -120,7 +121,7 @@ def run_converter(model_dir: Path) -> Conversion:
         tensors.append(ConvertedTensor(name, tuple(int(n) for n in info.tensor.shape), info.tensor,
                                        tuple(_sources_of(info.tensor, sources)), name in stored_in_float))
     metadata = {key: value for key, value in writer.kv_data[0].items() if key not in OWN_KEYS}
-    return Conversion(gguf.MODEL_ARCH_NAMES[model.model_arch], int(model.block_count), metadata, tensors)
+    return Conversion(gguf.MODEL_ARCH_NAMES[model.model_arch], int(model.block_count), metadata, tensors, sources)
 
 
 @contextmanager
@@ -175,14 +176,18 @@ def _sources_of(lazy: Any, names: dict[int, str]) -> list[str]:
     return found
 
 
-def evaluate(lazy: Any) -> torch.Tensor:
-    """A lazy tensor's values as a torch tensor, computed without caching anything in the graph."""
+def evaluate(lazy: Any, substitutes: Optional[dict[int, Any]] = None) -> torch.Tensor:
+    """A lazy tensor's values as a torch tensor, computed without caching anything in the graph; the leaves whose
+    ids are in `substitutes` take those values instead of loading theirs."""
+    substitutes = substitutes or {}
 
     def value(node: Any) -> Any:
         if isinstance(node, (list, tuple)):
             return type(node)(value(item) for item in node)
         if not isinstance(node, gguf.LazyBase):
             return node
+        if id(node) in substitutes:
+            return substitutes[id(node)]
         if node._data is not None:
             return node._data
         return node._func(*value(node._args), **node._kwargs)
@@ -228,5 +233,10 @@ def open_converted(checkpoint: Checkpoint) -> SourceModel:
                                 keeps_float=tensor.keeps_float))
     values = {tensor.name: tensor.values for tensor in conversion.tensors}
     route = ConverterRoute(conversion)
+
+    def relayout(spec: TensorSpec, pieces: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return evaluate(values[spec.name], {leaf: pieces[name] for leaf, name in conversion.leaves.items()
+                                            if name in pieces})
+
     return SourceModel(checkpoint.config, route, specs, lambda spec: evaluate(values[spec.name]), {},
-                       lambda writer: None, name=checkpoint.dir.resolve().name)
+                       lambda writer: None, name=checkpoint.dir.resolve().name, relayout=relayout)

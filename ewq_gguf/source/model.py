@@ -10,7 +10,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import gguf
 import torch
@@ -71,12 +71,14 @@ class SourceModel:
 
     def __init__(self, config: dict[str, Any], adapter: Adapter, specs: list[TensorSpec],
                  load_source: Callable[[TensorSpec], torch.Tensor], extra: dict[str, Callable[[], torch.Tensor]],
-                 add_tokenizer: Callable[[gguf.GGUFWriter], None], name: str):
+                 add_tokenizer: Callable[[gguf.GGUFWriter], None], name: str,
+                 relayout: Optional[Callable[[TensorSpec, Mapping[str, torch.Tensor]], torch.Tensor]] = None):
         self.config = config
         self.adapter = adapter
         self.specs = specs
         self.name = name
         self._load_source = load_source
+        self._relayout = relayout
         self._extra = extra
         self._add_tokenizer = add_tokenizer
         self.by_name = {spec.name: spec for spec in specs}
@@ -92,11 +94,61 @@ class SourceModel:
                 return self._extra[spec.name]()
             return self.adapter.transform(spec.name, self._load_source(spec))
 
+    def file_layout(self, spec: TensorSpec, pieces: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What load(spec) would give were the checkpoint tensors it is made of `pieces` (checkpoint name -> a tensor
+        of that tensor's shape): the reading route's moves and scales applied to other values."""
+        with config_errors():
+            if self._relayout is not None:
+                return self._relayout(spec, pieces)
+            return self.adapter.transform(spec.name, pieces[spec.source])
+
+    def element_layout(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Where the rows and columns of the file's tensor `spec` come from: (row_of, column_of), its row i (of all
+        but the last dimension) being row row_of[i] of the checkpoint tensors `shapes` with their rows end to end,
+        its column j their column column_of[j]. Found by pushing numbered rows and columns through file_layout.
+        None where the route does more than move whole rows and columns, or the tensors differ in width."""
+        if len({shape[-1] for shape in shapes.values()}) != 1:
+            return None
+
+        def numbered(axis: Optional[int]) -> torch.Tensor:
+            """The file's tensor from pieces holding 1 + their row number (axis 0), column number (axis 1), or 1."""
+            pieces, offset = {}, 0
+            for stored, shape in shapes.items():
+                n_rows, width = math.prod(shape[:-1]), shape[-1]
+                if axis == 0:
+                    values = torch.arange(offset + 1, offset + n_rows + 1, dtype=torch.float64)[:, None]
+                elif axis == 1:
+                    values = torch.arange(1, width + 1, dtype=torch.float64)[None, :]
+                else:
+                    values = torch.ones(1, 1, dtype=torch.float64)
+                pieces[stored] = values.to(torch.float32).expand(n_rows, width).reshape(shape)
+                offset += n_rows
+            return self.file_layout(spec, pieces).double().reshape(-1, spec.shape[-1])
+
+        scale = numbered(None)
+        row_of = _constant_index(numbered(0) / scale, 1, sum(math.prod(shape[:-1]) for shape in shapes.values()))
+        column_of = _constant_index(numbered(1) / scale, 0, next(iter(shapes.values()))[-1])
+        return None if row_of is None or column_of is None else (row_of, column_of)
+
     def add_metadata(self, writer: gguf.GGUFWriter) -> None:
         writer.add_name(self.name)
         with config_errors():
             self.adapter.add_metadata(writer)
         self._add_tokenizer(writer)
+
+
+def _constant_index(numbers: torch.Tensor, along: int, count: int) -> Optional[torch.Tensor]:
+    """The indices that 1-based `numbers` hold where they are the same along dimension `along`, each in 0..count-1;
+    None otherwise."""
+    rounded = numbers.round()
+    if not bool(torch.isfinite(numbers).all()) or float((numbers - rounded).abs().max()) > 0.25:
+        return None
+    first = rounded.select(along, 0)
+    if bool((rounded != first.unsqueeze(along)).any()):
+        return None
+    index = first.long() - 1
+    return index if int(index.min()) >= 0 and int(index.max()) < count else None
 
 
 @contextmanager

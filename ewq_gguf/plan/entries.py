@@ -11,8 +11,11 @@ VECTOR_TYPE = QType.F32
 
 
 def entry_for(spec: TensorSpec, requested: QType, reason: str) -> PlanEntry:
-    """Plan entry for a tensor: 1-D tensors stay F32; others get `requested` or llama.cpp's fallback for it."""
-    if not spec.is_matrix:
+    """Plan entry for a tensor: 1-D tensors and those llama.cpp keeps in float (routers, convolutions) stay F32;
+    others get `requested` or llama.cpp's fallback for it."""
+    if spec.keeps_float:
+        requested, reason = VECTOR_TYPE, "llama.cpp keeps it in F32"
+    elif not spec.is_matrix:
         requested, reason = VECTOR_TYPE, "1-D tensors stay F32"
     effective = effective_type(requested, spec.shape[-1])
     return PlanEntry(name=spec.name, shape=tuple(spec.shape), requested=requested, type=effective,

@@ -2,7 +2,7 @@
 repository-relative default, so that no test or script names a folder of one machine.
 
     EWQ_DEV_MODELS   folder of development models, default <repository>/models; holds smollm2/ and qwen25/ as made by
-                     `python scripts/make_dev_model.py models/NAME --model NAME`
+                     `python -m scripts.setup.make_dev_model models/NAME --model NAME`
 
 llama.cpp's source and tools are found by ewq_gguf.llamacpp.
 """

@@ -1,13 +1,10 @@
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import resources  # noqa: E402
-from tiny_models import make_tiny_model  # noqa: E402
+from testkit import resources
+from testkit.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +55,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def calibration_text(tmp_path_factory) -> Path:
     """A calibration text of a few thousand tokens of the tiny tokenizers."""
-    from tiny_tokenizers import SAMPLE_TEXT
+    from testkit.tiny_tokenizers import SAMPLE_TEXT
 
     path = tmp_path_factory.mktemp("text") / "calibration.txt"
     path.write_text(SAMPLE_TEXT * 12)

@@ -2,13 +2,14 @@
 
 Each class stresses a different part of an encoder: typical scales (gaussian), heavy tails (student_t3), one huge
 value per row (outlier), exact zeros and equal values (zeros, constant), underflow of scales (tiny), exact ties of
-magnitude and half-way rounding (grid), and real bf16 weights of the development model (found through tests/resources.py).
+magnitude and half-way rounding (grid), and real bf16 weights of the development model (found through
+testkit/resources.py).
 """
 from __future__ import annotations
 
 import torch
 
-import resources
+from testkit import resources
 
 REAL_TENSOR = "model.layers.0.mlp.down_proj.weight"
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ewq_gguf
 from ewq_gguf import EwqGgufError, InputError, OutputError, Plan, UnsupportedArchitectureError
 from ewq_gguf.cli import main
-from tiny_tokenizers import SAMPLE_TEXT
+from testkit.tiny_tokenizers import SAMPLE_TEXT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,10 +152,10 @@ def test_perplexity_and_compare_of_an_exported_file(live, tmp_path):
 
 
 def test_finetune_then_export_example(tiny_llama, tmp_path):
-    """scripts/example_finetune_export.py, the README's example, runs and writes the fine-tuned weights."""
+    """scripts/examples/finetune_export.py, the README's example, runs and writes the fine-tuned weights."""
     out = tmp_path / "finetuned.gguf"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "example_finetune_export.py"), str(tiny_llama),
-                          str(out)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "scripts.examples.finetune_export", str(tiny_llama), str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert "step 2: loss" in run.stdout and f"wrote {out}" in run.stdout
     original = ewq_gguf.convert(tiny_llama, tmp_path / "original.gguf", plan=out, progress=False)

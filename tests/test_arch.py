@@ -1,6 +1,6 @@
 """Every supported architecture: the GGUF computes what transformers computes, and carries the keys llama.cpp reads.
 
-Each case converts a tiny random checkpoint (tests/tiny_models.py) and compares llama.cpp's logits over 40 tokens
+Each case converts a tiny random checkpoint (testkit/tiny_models.py) and compares llama.cpp's logits over 40 tokens
 with transformers'. The tiny configs set values where llama.cpp's defaults differ (soft-caps, windows, rope bases,
 query scales), so a metadata key or tensor transform the converter gets wrong shows in the logits.
 """
@@ -21,7 +21,7 @@ from ewq_gguf.api import convert
 from ewq_gguf.arch.registry import adapter_for, supported_architectures
 from ewq_gguf.errors import InputError
 from llama_runner import gguf_logits, relative_error
-from tiny_models import TINY, make_tiny_model, read_config
+from testkit.tiny_models import TINY, make_tiny_model, read_config
 
 # tokenisation of text is tested elsewhere; these tests feed token ids
 pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")

@@ -22,7 +22,7 @@ from ewq_gguf.calibrate.imatrix import ImportanceMatrix
 from ewq_gguf.plan.display import format_plan_summary
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint
-from tiny_models import make_tiny_model
+from testkit.tiny_models import make_tiny_model
 
 TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K, QType.F16)
 

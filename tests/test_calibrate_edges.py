@@ -18,8 +18,8 @@ from ewq_gguf.errors import InputError
 from ewq_gguf.gguf_file.header import planned_file_size
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint
-from tiny_models import make_tiny_model
-from tiny_tokenizers import SAMPLE_TEXT
+from testkit.tiny_models import make_tiny_model
+from testkit.tiny_tokenizers import SAMPLE_TEXT
 
 ZERO_WEIGHT = "model.layers.1.mlp.down_proj.weight"
 

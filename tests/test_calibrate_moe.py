@@ -16,7 +16,7 @@ from ewq_gguf.calibrate.imatrix import ImportanceMatrix
 from ewq_gguf.calibrate.runner import calibration_tokens
 from ewq_gguf.source.model import open_checkpoint
 from llama_runner import gguf_logits
-from tiny_models import make_tiny_model
+from testkit.tiny_models import make_tiny_model
 
 TOKENS, CTX = 256, 64
 

@@ -16,7 +16,7 @@ from ewq_gguf.calibrate.stream import StreamedModel
 from ewq_gguf.calibrate.workfolder import work_folder_for
 from ewq_gguf.constants import TOKEN_EMBEDDING
 from ewq_gguf.source.model import open_checkpoint
-from tiny_models import TINY, make_tiny_model
+from testkit.tiny_models import TINY, make_tiny_model
 
 TOKENS, CTX = 256, 64
 
@@ -209,7 +209,7 @@ def test_fisher_marginals_predict_an_error_on_a_few_rows(tiny_folders, text_file
     assert calibration.sensitivity[name].alpha_weighted * t2_weighted == pytest.approx(predicted, rel=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_calibrate_check.sh same)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu/calibrate.sh same)")
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_cuda_measures_what_the_cpu_measures(tiny_folders, text_file, compute_dtype):
     folder = tiny_folders("Qwen3ForCausalLM")
@@ -233,7 +233,7 @@ def test_a_killed_calibration_resumes_with_the_same_result(tmp_path):
     import sys
     import time
 
-    from tiny_tokenizers import SAMPLE_TEXT
+    from testkit.tiny_tokenizers import SAMPLE_TEXT
 
     folder = make_tiny_model(tmp_path / "model", "LlamaForCausalLM", hidden_size=256, intermediate_size=768,
                              num_hidden_layers=8)

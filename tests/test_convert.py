@@ -17,7 +17,7 @@ from ewq_gguf.cli import main
 from ewq_gguf.constants import KEY_EWQ_PLAN
 from ewq_gguf.errors import InputError, OutputError, UnsupportedArchitectureError
 from llama_runner import gguf_logits, hf_logits, relative_error
-from tiny_models import make_tiny_model
+from testkit.tiny_models import make_tiny_model
 
 TOKENS = [(7 * i + 3) % 200 + 5 for i in range(40)]
 

@@ -1,5 +1,5 @@
 """Architectures read through llama.cpp's converter (ewq_gguf/source/converter.py): mixture-of-experts and newer
-dense designs, as tiny random checkpoints (tests/tiny_models.CONVERTED).
+dense designs, as tiny random checkpoints (testkit/tiny_models.CONVERTED).
 
 For each: the F32 file's logits through llama-cpp-python equal transformers' on 40 tokens, llama.cpp's tokenizer
 gives the Hugging Face tokenizer's ids, and our F32 / Q8_0 / Q4_K files hold the tensors of llama.cpp's own
@@ -20,8 +20,8 @@ from ewq_gguf.api import convert
 from ewq_gguf.errors import UnsupportedArchitectureError
 from ewq_gguf.source.model import open_checkpoint
 from llama_runner import gguf_logits, hf_logits, relative_error
-from resources import llama_tool
-from tiny_models import CONVERTED, make_tiny_model
+from testkit.resources import llama_tool
+from testkit.tiny_models import CONVERTED, make_tiny_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog, and then the cat sat on the mat near the door of the old house "
         "by the sea. Later that evening, the keeper counted twelve ships in the harbour and wrote the number down.")

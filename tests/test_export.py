@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import ewq_gguf
 from ewq_gguf import InputError, OutputError, UnsupportedArchitectureError
 from ewq_gguf.source.live import live_tensors
-from tiny_models import TINY, make_tiny_model
+from testkit.tiny_models import TINY, make_tiny_model
 
 TRAINING_TEXT = "The lighthouse keeper counted the ships every evening, twelve on quiet nights."
 WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")

@@ -1,17 +1,11 @@
-"""The dithering math of scripts/make_dev_model.py on small synthetic quantized tensors (no network)."""
-import importlib.util
-from pathlib import Path
-
+"""The dithering math of scripts/setup/make_dev_model.py on small synthetic quantized tensors (no network)."""
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-_spec = importlib.util.spec_from_file_location(
-    "make_dev_model", Path(__file__).parents[1] / "scripts" / "make_dev_model.py")
-make_dev_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_dev_model)
+from scripts.setup import make_dev_model
 
 # Per type: byte offsets of its f16 fields, how many consecutive elements share one step, and the number of grid
 # levels of one such group (its values span at most levels - 1 steps).

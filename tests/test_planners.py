@@ -18,7 +18,7 @@ from ewq_gguf.plan import Plan, PlanEntry
 from ewq_gguf.plan.registry import planners
 from ewq_gguf.quant import QType
 from ewq_gguf.source.model import open_checkpoint
-from tiny_models import make_tiny_model
+from testkit.tiny_models import make_tiny_model
 
 
 def convert_flags() -> dict[str, click.Parameter]:

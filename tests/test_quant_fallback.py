@@ -66,7 +66,7 @@ def test_type_without_fallback_is_refused_like_llama_quantize():
 def odd_width_gguf(tmp_path_factory, llama_quantize):
     """An F32 GGUF of a tiny Llama whose widths are 96 (a multiple of 32, not 256) and 100 (not even of 32)."""
     from ewq_gguf.api import convert
-    from tiny_models import make_tiny_model
+    from testkit.tiny_models import make_tiny_model
 
     folder = tmp_path_factory.mktemp("odd-width")
     model = make_tiny_model(folder / "model", "LlamaForCausalLM", hidden_size=96, intermediate_size=100,

@@ -36,7 +36,7 @@ from ewq_gguf.quant import CODECS, row_nbytes
 from ewq_gguf.write import parse_size
 from llama_runner import gguf_logits, relative_error
 from test_convert import CliResult, run_cli
-from tiny_models import make_tiny_model
+from testkit.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::ewq_gguf.source.tokenizer.TokenizerWarning")
 

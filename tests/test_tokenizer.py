@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from ewq_gguf.errors import InputError
 from ewq_gguf.source.tokenizer import (PRE_TOKENIZERS, TokenizerWarning, add_tokenizer, add_tokenizer_from_hf, build_vocab,
                                 write_vocab)
-from tiny_tokenizers import BPE_STYLES, SAMPLE_TEXT, make_bpe_tokenizer, make_spm_tokenizer
+from testkit.tiny_tokenizers import BPE_STYLES, SAMPLE_TEXT, make_bpe_tokenizer, make_spm_tokenizer
 
 
 TEXTS = [

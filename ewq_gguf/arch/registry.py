@@ -1,7 +1,7 @@
 """Our architecture adapters, one table: each adapter class registers its config.json names with @register_adapter.
 
 The modules of this package are imported the first time the table is read, so a new family is one new file here
-(plus its tiny model in tests/tiny_models.TINY, which tests/test_arch.py requires). An architecture no adapter claims
+(plus its tiny model in testkit/tiny_models.TINY, which tests/test_arch.py requires). An architecture no adapter claims
 is read through llama.cpp's converter (source/converter.py).
 """
 from __future__ import annotations

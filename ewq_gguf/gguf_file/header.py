@@ -64,11 +64,15 @@ def add_header(writer: gguf.GGUFWriter, model: SourceModel, plan: Plan) -> None:
         writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=entry.type)
 
 
+def padded(nbytes: int, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> int:
+    """The room nbytes of header or tensor data take in the file: rounded up to the data alignment."""
+    return gguf.GGUFWriter.ggml_pad(nbytes, alignment)
+
+
 def file_size(header_bytes: int, tensor_nbytes: Iterable[int], alignment: int) -> int:
     """The size of a GGUF file whose header takes header_bytes: the header padded to the alignment, then each
     tensor's data padded to it."""
-    return gguf.GGUFWriter.ggml_pad(header_bytes, alignment) + sum(
-        gguf.GGUFWriter.ggml_pad(nbytes, alignment) for nbytes in tensor_nbytes)
+    return padded(header_bytes, alignment) + sum(padded(nbytes, alignment) for nbytes in tensor_nbytes)
 
 
 def planned_file_size(model: SourceModel, plan: Plan) -> int:

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from gguf import GGMLQuantizationType as QType, GGUF_DEFAULT_ALIGNMENT
+from gguf import GGMLQuantizationType as QType
 
 from ..calibrate import Calibration
 from ..errors import InputError
+from ..gguf_file.header import padded
 from ..calibrate.imatrix import ImportanceMatrix
 from ..quant import effective_type, planner_types, tensor_nbytes
 from ..source.model import SourceModel, TensorSpec
@@ -51,10 +52,6 @@ class Choice:
     nbytes: int          # bytes as stored in the file, alignment padding included
     t2: float
     predicted_kld: float
-
-
-def padded(nbytes: int, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> int:
-    return -(-nbytes // alignment) * alignment
 
 
 def choose(sizes: Sequence[Sequence[int]], costs: Sequence[Sequence[float]], budget: int,

@@ -1,7 +1,9 @@
 """The READ stage's one shape: a model as an ordered list of GGUF tensor specs plus a loader.
 
 Every later stage sees only this: analysis and planning look at specs (names, shapes, blocks) and load tensors
-one at a time; writing streams them. A checkpoint folder and (later) a live transformers model both provide it.
+one at a time; writing streams them. Three routes provide it: a checkpoint folder through our adapters
+(open_checkpoint, here), the same folder through llama.cpp's converter (converter.open_converted), and a live
+transformers or PEFT model in memory (live.open_live).
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 # Block-streaming calibration on the device machine (one H100; no internet), quoted in docs/results.md
 # ("Calibration on a GPU"). Prepare .device/ (git-ignored) with the gguf wheel, the dev model's config and tokenizer
 # files in .device/smollm2-meta and debian-reference.en.txt.gz; then run with .device carried:
-#   bash scripts/gpu_calibrate_check.sh same    tiny models calibrated on the CPU and on CUDA: the largest
-#                                               differences of importance vectors, LIM and sensitivities
-#   bash scripts/gpu_calibrate_check.sh 8b      a synthetic checkpoint of Llama-3-8B's dimensions, default settings
-#   bash scripts/gpu_calibrate_check.sh big     a synthetic checkpoint of Llama-3-70B's block dimensions whose float32
-#                                               copy is larger than the GPU's memory, small --tokens
+#   bash scripts/gpu/calibrate.sh same    tiny models calibrated on the CPU and on CUDA: the largest
+#                                         differences of importance vectors, LIM and sensitivities
+#   bash scripts/gpu/calibrate.sh 8b      a synthetic checkpoint of Llama-3-8B's dimensions, default settings
+#   bash scripts/gpu/calibrate.sh big     a synthetic checkpoint of Llama-3-70B's block dimensions whose float32
+#                                         copy is larger than the GPU's memory, small --tokens
 # Prints wall time, phases and peak GPU memory (torch.cuda.max_memory_allocated) as a table, also written to
-# $OUT/calibrate-STAGE.md when $OUT is set (the device tool brings it back; scripts/results_file.py puts it in
+# $OUT/calibrate-STAGE.md when $OUT is set (the device tool brings it back; scripts/common/results_file.py puts it in
 # docs/results.md). Everything else a stage writes goes to a `mktemp -d` folder, removed when it ends.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,7 +23,6 @@ import gzip, json, sys, time
 from pathlib import Path
 import numpy as np
 import torch
-sys.path[:0] = ["scripts", "tests"]
 from ewq_gguf.calibrate import calibrate
 
 stage, work, device_files = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -37,7 +36,7 @@ def run(folder, **options):
     return result, time.perf_counter() - started, torch.cuda.max_memory_allocated() / 2**30
 
 if stage == "same":
-    from tiny_models import TINY, make_tiny_model
+    from testkit.tiny_models import TINY, make_tiny_model
     print("| architecture | compute | imatrix max rel diff | LIM max abs diff | alpha cuda/cpu min..max |")
     print("|---|---|---|---|---|")
     for architecture in sorted(TINY):
@@ -56,7 +55,7 @@ if stage == "same":
             print(f"| {architecture} | {dtype} | {rel:.2e} | {lim:.2e} | {min(ratios):.4f}..{max(ratios):.4f} |")
             import shutil; shutil.rmtree(work / architecture)
 else:
-    from bench_large import LLAMA3_70B, LLAMA3_8B, build_checkpoint
+    from scripts.bench.large import LLAMA3_70B, LLAMA3_8B, build_checkpoint
     folder = work / "synthetic"
     if stage == "8b":
         total, _ = build_checkpoint(folder, 15.5, device_files / "smollm2-meta", LLAMA3_8B)

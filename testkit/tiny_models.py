@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from resources import dev_model
-from tiny_tokenizers import SPM_STYLES, copy_tokenizer, make_bpe_tokenizer, make_spm_tokenizer
+from testkit.resources import dev_model
+from testkit.tiny_tokenizers import SPM_STYLES, copy_tokenizer, make_bpe_tokenizer, make_spm_tokenizer
 
 COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, rms_norm_eps=1e-5)

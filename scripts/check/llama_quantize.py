@@ -6,11 +6,11 @@ Q5_K, Q3_K_S for Q3_K, MXFP4_MOE for MXFP4, the type's own name otherwise). Tens
 type are compared byte for byte; tensors stored in different types (ewq-gguf's uniform method keeps the token
 embedding and output head in Q8_0 by default, --pure does not) are listed, not compared.
 
-A second check runs the same comparison on a tiny Llama whose rows are 96 and 100 values long (tests/tiny_models),
+A second check runs the same comparison on a tiny Llama whose rows are 96 and 100 values long (testkit/tiny_models),
 where every 256-block type falls back, and checks the type of every matrix llama-quantize wrote against
 ewq_gguf.quant.effective_type.
 
-    python scripts/compare_llama_quantize.py [MODEL_DIR] [--types Q4_K,Q8_0] [--no-narrow] [--results docs/results.md]
+    python -m scripts.check.llama_quantize [MODEL_DIR] [--types Q4_K,Q8_0] [--no-narrow] [--results docs/results.md]
 """
 from __future__ import annotations
 
@@ -25,16 +25,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from llama_tools import run_measured  # noqa: E402
-from results_file import shown, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
-from ewq_gguf.quant import QType, effective_type  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.devenv import dev_model
+from ewq_gguf.quant import QType, effective_type
+from scripts.common.llama_tools import run_measured
+from scripts.common.results_file import shown, update_section
 
 DEFAULT_TYPES = "Q4_K,Q5_K,Q6_K,Q3_K,Q2_K,Q8_0,Q4_0,Q5_0,Q4_1,Q5_1,IQ4_NL,IQ4_XS,MXFP4"
 # llama-quantize's file type for a type, where it is not the type's name: a mixture that --pure turns into that type
@@ -165,7 +160,7 @@ def main() -> None:
         table = compare_model(model_dir, types, Path(work), llama_quantize, args.threads, args.convert_arg, False)
         sections.append((f"Parity with llama-quantize --pure ({model_dir.resolve().name})", table))
         if not args.no_narrow:
-            from tiny_models import make_tiny_model
+            from testkit.tiny_models import make_tiny_model
 
             tiny = make_tiny_model(Path(work) / "tiny-odd-width", "LlamaForCausalLM", hidden_size=96,
                                    intermediate_size=100, num_attention_heads=2, num_key_value_heads=1)
@@ -176,7 +171,7 @@ def main() -> None:
     for title, table in sections:
         print(f"\n## {title}\n\n{note}\n\n{table}\n\n{footer}")
         if args.results:
-            command = f"python scripts/compare_llama_quantize.py {shown(model_dir)} --results {shown(args.results)}"
+            command = f"python -m scripts.check.llama_quantize {shown(model_dir)} --results {shown(args.results)}"
             update_section(args.results, title, f"{note}\n\n{table}\n\n{footer}", command=command)
 
 

@@ -6,7 +6,7 @@ Wall time and peak RSS are measured per process (wait4), the time inside it is s
 saving the folder (save_pretrained path only) and converting, and the conversion's busy time into read, quantize
 and write (ConvertResult.stage_seconds; reading and quantizing overlap writing). Both files must be byte-identical.
 
-    python scripts/bench_export.py [MODEL_DIR] [--device cpu|cuda] [--type Q8_0 | --method ewq] [--repeats 3]
+    python -m scripts.bench.export [MODEL_DIR] [--device cpu|cuda] [--type Q8_0 | --method ewq] [--repeats 3]
                                    [--results FILE]
 """
 from __future__ import annotations
@@ -20,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_tools import run_measured  # noqa: E402
-from results_file import shown, update_section  # noqa: E402
-
-from ewq_gguf.devenv import dev_model  # noqa: E402
+from ewq_gguf.devenv import dev_model
+from scripts.common.llama_tools import run_measured
+from scripts.common.results_file import shown, update_section
 
 WAYS = ("export", "save-convert")
 RESULT_MARK = "BENCH_EXPORT_RESULT "
@@ -81,8 +78,9 @@ def main() -> None:
             for way in WAYS if round_number % 2 == 0 else WAYS[::-1]:
                 out = Path(work) / f"{way}-{round_number}" / "out.gguf"
                 out.parent.mkdir()
-                measured = run_measured([sys.executable, __file__, args.model_dir, "--device", args.device,
-                                         "--method", args.method, "--type", args.type, "--child", way, "--out", out])
+                measured = run_measured([sys.executable, "-m", "scripts.bench.export", args.model_dir, "--device",
+                                         args.device, "--method", args.method, "--type", args.type, "--child", way,
+                                         "--out", out])
                 line = next(line for line in measured.output.splitlines() if line.startswith(RESULT_MARK))
                 if way not in runs or measured.wall_s < runs[way][0].wall_s:
                     runs[way] = (measured, json.loads(line[len(RESULT_MARK):]), out.read_bytes())
@@ -112,7 +110,7 @@ def main() -> None:
     print(table)
     if args.results:
         update_section(args.results, f"Export from memory vs save_pretrained + convert ({args.device}, {label})",
-                       table, command=f"python scripts/bench_export.py {shown(args.model_dir)} --device {args.device} "
+                       table, command=f"python -m scripts.bench.export {shown(args.model_dir)} --device {args.device} "
                                       f"--method {args.method} --type {args.type} --repeats {args.repeats} "
                                       f"--results {shown(args.results)}")
 

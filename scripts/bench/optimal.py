@@ -1,8 +1,8 @@
 """Optimal plans (linearity theorem) against llama.cpp's Q4_K_M and Q3_K_M at the same file size, and the check of
 the linear prediction itself. Writes the "Optimal plans vs llama-quantize: <model>" section of docs/results.md.
 
-    python scripts/bench_optimal.py [--model models/smollm2] [--chunks 40] [--threads 1]
-    python scripts/bench_optimal.py --model models/qwen25 --work out/bench-optimal-qwen25 ...
+    python -m scripts.bench.optimal [--model models/smollm2] [--chunks 40] [--threads 1]
+    python -m scripts.bench.optimal --model models/qwen25 --work out/bench-optimal-qwen25 ...
 
 The default model is the development model smollm2 (ewq_gguf.devenv: models/smollm2, or under EWQ_DEV_MODELS).
 
@@ -32,23 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama_tools import run_measured  # noqa: E402
-from results_file import shown_arguments, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.api import convert  # noqa: E402
-from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
-from ewq_gguf.calibrate.imatrix import ImportanceMatrix  # noqa: E402
-from ewq_gguf.constants import DEFAULT_CALIBRATION_TOKENS  # noqa: E402
-from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld  # noqa: E402
-from ewq_gguf.plan.plan import Plan  # noqa: E402
-from ewq_gguf.plan.reuse import plan_from_file  # noqa: E402
-from ewq_gguf.source.model import open_checkpoint  # noqa: E402
-from ewq_gguf.validate import CompareReport, compare  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.api import convert
+from ewq_gguf.calibrate import Calibration, calibrate
+from ewq_gguf.devenv import REPOSITORY, dev_model
+from ewq_gguf.calibrate.imatrix import ImportanceMatrix
+from ewq_gguf.constants import DEFAULT_CALIBRATION_TOKENS
+from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld
+from ewq_gguf.plan.plan import Plan
+from ewq_gguf.plan.reuse import plan_from_file
+from ewq_gguf.source.model import open_checkpoint
+from ewq_gguf.validate import CompareReport, compare
+from scripts.common.llama_tools import run_measured
+from scripts.common.results_file import shown_arguments, update_section
 
 DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 PEER_MIXES = ("Q4_K_M", "Q3_K_M")
@@ -60,7 +56,7 @@ DEFAULT_CHUNKS = 40
 LINEARITY_BPW = "4.25,4.75,5.25,6.0,7.0"
 LINEARITY_UNIFORM = "Q4_0,Q4_1,Q5_0,Q8_0"
 SMALL_ERROR = 0.1      # predicted KLD below which the linear regime is summarised
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+RESULTS = REPOSITORY / "docs" / "results.md"
 TITLE = "Optimal plans vs llama-quantize"
 
 
@@ -322,7 +318,7 @@ def print_and_write(args, rows: list[Row], measured, predictions, timing, agreem
     print(body)
     if not args.no_write:
         update_section(RESULTS, f"{TITLE}: {model_name}", body,
-                       "python scripts/bench_optimal.py " + shown_arguments(sys.argv[1:]))
+                       "python -m scripts.bench.optimal " + shown_arguments(sys.argv[1:]))
 
 
 def plot_results(model_name: str, rows: list[Row], measured, predicted, observed, slope) -> Path:

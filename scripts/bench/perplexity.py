@@ -1,6 +1,6 @@
 """Benchmark ewq-gguf's perplexity and compare against llama.cpp's llama-perplexity on the same GGUF files and text.
 
-    python scripts/bench_perplexity.py BASE.gguf [CANDIDATE.gguf] [--text FILE] [--ctx 512] [--chunks 10]
+    python -m scripts.bench.perplexity BASE.gguf [CANDIDATE.gguf] [--text FILE] [--ctx 512] [--chunks 10]
                                        [--threads N] [--repeats 1] [--no-write]
 
 Runs, each as its own process and timed from the outside (wall time, peak RSS):
@@ -31,15 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ewq_gguf import llamacpp
+from ewq_gguf.devenv import REPOSITORY
+from scripts.common.llama_tools import MeasuredRun, run_measured
+from scripts.common.results_file import cpu_name, shown, shown_arguments, update_section
 
-from llama_tools import MeasuredRun, run_measured  # noqa: E402
-from results_file import cpu_name, shown, shown_arguments, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-
-REPO_DIR = Path(__file__).resolve().parent.parent
-RESULTS_FILE = REPO_DIR / "docs" / "results.md"
+RESULTS_FILE = REPOSITORY / "docs" / "results.md"
 RESULTS_TITLE = "Perplexity and KL divergence: ewq-gguf vs llama-perplexity, {threads} thread(s)"
 NUMBER = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
 
@@ -94,7 +91,8 @@ def evaluation_text(text: Path | None) -> Path:
     """The text ewq-gguf would use. Asked in a child process: importing ewq_gguf here would make this process big,
     and every child forked from it would start with (and report as peak RSS) that size."""
     code = "import sys; from ewq_gguf.text import load_text; print(load_text(sys.argv[1] or None).source)"
-    found = subprocess.run([sys.executable, "-c", code, str(text or "")], capture_output=True, text=True, cwd=REPO_DIR)
+    found = subprocess.run([sys.executable, "-c", code, str(text or "")], capture_output=True, text=True,
+                           cwd=REPOSITORY)
     if found.returncode != 0:
         raise SystemExit(found.stderr.strip().splitlines()[-1])
     return Path(found.stdout.strip())
@@ -227,7 +225,7 @@ def main() -> None:
     print(table)
     if not args.no_write:
         files = args.base.name + (f" against {args.candidate.name}" if args.candidate else "")
-        command = "python scripts/bench_perplexity.py " + shown_arguments(sys.argv[1:])
+        command = "python -m scripts.bench.perplexity " + shown_arguments(sys.argv[1:])
         update_section(RESULTS_FILE, RESULTS_TITLE.format(threads=args.threads), f"{files}. {setup}.\n\n{table}",
                        command)
         print(f"updated {RESULTS_FILE}")

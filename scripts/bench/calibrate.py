@@ -1,8 +1,8 @@
 """`ewq-gguf calibrate` against `llama-imatrix`: wall time and peak memory on the same tokens and threads, one run.
 
-    python scripts/bench_calibrate.py [--model models/qwen25] [--tokens 32768] [--threads 2] [--repeats 1]
+    python -m scripts.bench.calibrate [--model models/qwen25] [--tokens 32768] [--threads 2] [--repeats 1]
 
-Both tools read the first half of Debian's reference manual (as scripts/bench_optimal.py calibrates) in chunks of
+Both tools read the first half of Debian's reference manual (as scripts/bench/optimal.py calibrates) in chunks of
 --ctx tokens, as many chunks as --tokens asks. llama-imatrix runs on the BF16 GGUF of the model (the stored precision,
 as its users run it) with its defaults (perplexity included); ours runs with its defaults, and its pass also yields
 LIM, the sensitivities and the quantization error tables. Each tool runs in its own process, the two interleaved,
@@ -18,16 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama_tools import MeasuredRun, run_measured  # noqa: E402
-from results_file import cpu_name, shown, shown_arguments, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.api import convert  # noqa: E402
-from ewq_gguf.constants import DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.api import convert
+from ewq_gguf.constants import DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS
+from ewq_gguf.devenv import dev_model
+from scripts.common.llama_tools import MeasuredRun, run_measured
+from scripts.common.results_file import cpu_name, shown, shown_arguments, update_section
 
 DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 
@@ -92,7 +88,7 @@ def main() -> None:
     print(body)
     if not args.no_write:
         update_section(args.results, f"Calibration time: {args.model.name}", body,
-                       "python " + shown_arguments(sys.argv))
+                       "python -m scripts.bench.calibrate " + shown_arguments(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def update_section(path: Path, title: str, body: str, command: str) -> None:
 
 if __name__ == "__main__":
     # A table made on another machine (the device machine's scripts print theirs) into docs/results.md:
-    #   python scripts/results_file.py TITLE BODY_FILE "COMMAND THAT MADE IT"
+    #   python -m scripts.common.results_file TITLE BODY_FILE "COMMAND THAT MADE IT"
     import sys
 
     title, body_file, command = sys.argv[1:4]

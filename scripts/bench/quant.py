@@ -6,7 +6,7 @@ quantize(backend="auto") on CUDA when a GPU is present, the path conversions tak
 for the types they cover when triton is installed, our torch encoders otherwise). Every column's bytes are checked
 against ggml's.
 
-    python scripts/bench_quant.py [--rows 4096] [--columns 4096] [--types Q4_K,Q6_K] [--results docs/results.md]
+    python -m scripts.bench.quant [--rows 4096] [--columns 4096] [--types Q4_K,Q6_K] [--results docs/results.md]
 """
 from __future__ import annotations
 
@@ -19,12 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from results_file import cpu_name, update_section  # noqa: E402
-
-from ewq_gguf.quant import CODECS, QType, floats, ggml_backend, quantize  # noqa: E402
+from ewq_gguf.quant import CODECS, QType, floats, ggml_backend, quantize
+from scripts.common.results_file import cpu_name, update_section
 
 
 def _triton_version() -> str:
@@ -102,7 +98,7 @@ def main() -> None:
     table = "\n".join(notes + [""] + lines)
     print("\n".join(notes))
     if args.results:
-        command = f"python scripts/bench_quant.py --rows {args.rows} --columns {args.columns} --results {args.results}"
+        command = f"python -m scripts.bench.quant --rows {args.rows} --columns {args.columns} --results {args.results}"
         update_section(args.results, f"Quantizer throughput ({device})", table, command=command)
 
 

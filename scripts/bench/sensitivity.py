@@ -1,6 +1,6 @@
 """Gradient (Fisher) sensitivities against noise injection, and the optimal plans made from each.
 
-    python scripts/bench_sensitivity.py [--model models/smollm2] [--tokens 32768] [--chunks 20] [--threads 2]
+    python -m scripts.bench.sensitivity [--model models/smollm2] [--tokens 32768] [--chunks 20] [--threads 2]
 
 Two calibrations of one model on the same calibration text (the first half of Debian's reference manual): the
 default one (`--sensitivity fisher`, one block in memory) and the reference (`--sensitivity noise`). Printed:
@@ -24,19 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_optimal import scored, spearman, split_text, step  # noqa: E402
-from llama_tools import run_measured  # noqa: E402
-from results_file import cpu_name, shown, shown_arguments, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.api import convert  # noqa: E402
-from ewq_gguf.calibrate import Calibration, calibrate  # noqa: E402
-from ewq_gguf.constants import (DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS, DEFAULT_SENSITIVITY_TOKENS,  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.api import convert
+from ewq_gguf.calibrate import Calibration, calibrate
+from ewq_gguf.constants import (DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS, DEFAULT_SENSITIVITY_TOKENS,
                                 SENSITIVITY_METHODS)
-from ewq_gguf.devenv import dev_model  # noqa: E402
+from ewq_gguf.devenv import dev_model
+from scripts.bench.optimal import scored, spearman, split_text, step
+from scripts.common.llama_tools import run_measured
+from scripts.common.results_file import cpu_name, shown, shown_arguments, update_section
 
 PEER_MIXES = ("Q3_K_M", "Q4_K_M")
 NOISE_TOKENS = DEFAULT_SENSITIVITY_TOKENS["noise"]
@@ -151,7 +147,7 @@ def main() -> None:
     if not args.no_write:
         reference = f", noise on {args.noise_tokens} tokens" if args.noise_tokens != NOISE_TOKENS else ""
         update_section(args.results, f"Sensitivities: gradients vs noise: {args.model.name}{reference}", body,
-                       "python " + shown_arguments(sys.argv))
+                       "python -m scripts.bench.sensitivity " + shown_arguments(sys.argv[1:]))
 
 
 if __name__ == "__main__":

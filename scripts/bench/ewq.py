@@ -4,23 +4,19 @@ Files: bf16 (the base), uniform Q8_0 and Q4_K, llama.cpp's Q4_K_M (llama-quantiz
 our bf16 file, when built), EWQ default, EWQ with k in {0.3, 1.0}, FastEWQ, ZD at fractions 0.25 and 0.5 in both
 orderings. The analysis is computed once and reused by every EWQ/ZD plan.
 
-    python scripts/results_ewq.py [MODEL_DIR] [--chunks 8] [--text FILE] [--results docs/results.md]
+    python -m scripts.bench.ewq [MODEL_DIR] [--chunks 8] [--text FILE] [--results docs/results.md]
 """
 from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from results_file import shown, update_section  # noqa: E402
-
-import ewq_gguf  # noqa: E402
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
+import ewq_gguf
+from ewq_gguf import llamacpp
+from ewq_gguf.devenv import dev_model
+from scripts.common.results_file import shown, update_section
 
 VARIANTS = [  # label, convert options
     ("uniform Q8_0", dict(method="uniform", type="Q8_0")),
@@ -74,7 +70,7 @@ def main() -> None:
     print(table)
     if args.results:
         update_section(args.results, f"Entropy-driven plans ({Path(args.model_dir).name})", table,
-                       command=f"python scripts/results_ewq.py {shown(args.model_dir)} --chunks {args.chunks} "
+                       command=f"python -m scripts.bench.ewq {shown(args.model_dir)} --chunks {args.chunks} "
                                f"--results {shown(args.results)}")
 
 

@@ -3,9 +3,9 @@
 # Prepare .device/ (git-ignored) with: the gguf wheel, the slimmed llama-cpp-python 0.3.36 sdist (without
 # vendor/llama.cpp/{models,docs,benches}), the dev model's config/tokenizer files in .device/smollm2-meta and the
 # evaluation text; then run with .device carried, one stage per call (each fits the 10-minute limit):
-#   bash scripts/gpu_check.sh ppl     CUDA build of llama-cpp-python (background) while a smollm2-shaped model is
+#   bash scripts/gpu/check.sh ppl     CUDA build of llama-cpp-python (background) while a smollm2-shaped model is
 #                                     trained for a minute on half of the text; analysis vs read; PPL GPU vs CPU
-#   bash scripts/gpu_check.sh large   8 GB synthetic Llama converted with EWQ on CUDA and on the CPU; analysis vs
+#   bash scripts/gpu/check.sh large   8 GB synthetic Llama converted with EWQ on CUDA and on the CPU; analysis vs
 #                                     read on it
 # Installs (the wheels, the CUDA build of llama-cpp-python) go to $EWQ_DEVICE_CACHE, default
 # ~/.cache/ewq-gguf-device: a fixed per-user folder, so they are kept between calls while the machine stays warm (files
@@ -72,7 +72,7 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(f"{meta}/{name}", sys.argv[2])
 PY
   echo "== analysis vs reading the same tensors"
-  python3 scripts/bench_analyze.py "$WORK/m" --device both --repeat 3
+  python3 -m scripts.bench.analyze "$WORK/m" --device both --repeat 3
   echo "== analyze, block entropies CUDA vs CPU"
   for d in cuda cpu; do python3 -m ewq_gguf analyze "$WORK/m" --device $d --json "$WORK/an-$d.json" > /dev/null; done
   python3 -c "
@@ -99,12 +99,12 @@ PY
   ;;
 large)
   echo "== 8 GB synthetic Llama, EWQ on CUDA"
-  python3 scripts/bench_large.py --folder "$WORK/large" --method ewq --device cuda --keep \
+  python3 -m scripts.bench.large --folder "$WORK/large" --method ewq --device cuda --keep \
     --tokenizer-from .device/smollm2-meta --results "$OUT/large.md"
   echo "== analysis vs reading the same tensors (8 GB checkpoint, page cache warm)"
-  python3 scripts/bench_analyze.py "$WORK/large/synthetic-llama" --device cuda --repeat 2
+  python3 -m scripts.bench.analyze "$WORK/large/synthetic-llama" --device cuda --repeat 2
   echo "== the same conversion on the CPU (16 cores)"
-  python3 scripts/bench_large.py --folder "$WORK/large-cpu" --method ewq --device cpu \
+  python3 -m scripts.bench.large --folder "$WORK/large-cpu" --method ewq --device cpu \
     --tokenizer-from .device/smollm2-meta --results "$OUT/large-cpu.md"
   ;;
 esac

@@ -18,7 +18,8 @@ wins. The "unanchored" column runs the recipe once more with plain names instead
 (the format before anchoring): on a model with a separate output head, `output.weight` then also claims every
 `blk.N.attn_output.weight` listed after it.
 
-    python scripts/recipe_roundtrip.py [MODEL_DIR] [--calibration CAL.json] [--no-tiny] [--results docs/results.md]
+    python -m scripts.check.recipe_roundtrip [MODEL_DIR] [--calibration CAL.json] [--no-tiny]
+                                             [--results docs/results.md]
 
 --calibration (a JSON of `ewq-gguf calibrate` on MODEL_DIR) adds an optimal plan at 5 bits per weight.
 """
@@ -37,15 +38,11 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from compare_llama_quantize import Comparison, _listing, compare_files  # noqa: E402
-from llama_tools import run_measured  # noqa: E402
-from results_file import shown, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.devenv import dev_model
+from scripts.check.llama_quantize import Comparison, _listing, compare_files
+from scripts.common.llama_tools import run_measured
+from scripts.common.results_file import shown, update_section
 
 TITLE = "Recipe round trip: --plan-out through llama-quantize --tensor-type-file"
 BASE_TYPE = "Q8_0"          # any quantized type: the recipe names every matrix
@@ -176,12 +173,12 @@ def main() -> None:
         model_table, f32_s = run_model(model_dir, plans, work, tool, args.threads)
         parts.append(f"### {model_dir.resolve().name}\n\nF32 base by ewq-gguf: {f32_s:.1f} s.\n\n{model_table}")
         if not args.no_tiny:
-            from tiny_models import make_tiny_model
+            from testkit.tiny_models import make_tiny_model
 
             tiny = make_tiny_model(work / "tiny-llama", "LlamaForCausalLM")
             print("tiny Llama, separate output head:", flush=True)
             tiny_table, f32_s = run_model(tiny, PLANS, work, tool, args.threads)
-            parts.append(f"### tiny Llama (tests/tiny_models, 2 blocks, separate output.weight)\n\n"
+            parts.append(f"### tiny Llama (testkit/tiny_models, 2 blocks, separate output.weight)\n\n"
                          f"F32 base by ewq-gguf: {f32_s:.1f} s.\n\n{tiny_table}")
     note = (f"Recipe: `ewq-gguf convert MODEL X --dry-run --plan-out recipe.txt ARGS`. Theirs: `llama-quantize "
             f"--tensor-type-file recipe.txt F32.gguf OUT {BASE_TYPE} {args.threads}` on an F32 GGUF ewq-gguf made of "
@@ -203,7 +200,7 @@ def main() -> None:
     body = "\n\n".join([note, *parts, footer])
     print(f"\n## {TITLE}\n\n{body}")
     if args.results:
-        command = "python scripts/recipe_roundtrip.py " + " ".join(
+        command = "python -m scripts.check.recipe_roundtrip " + " ".join(
             [shown(model_dir)] + ([f"--calibration {shown(args.calibration)}"] if args.calibration else [])
             + ([] if not args.no_tiny else ["--no-tiny"]) + [f"--results {shown(args.results)}"])
         update_section(args.results, TITLE, body, command=command)

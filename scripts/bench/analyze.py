@@ -7,7 +7,7 @@ For each model and device it times (best of --repeat runs, after one warm-up rea
   analyse    ewq_gguf.analyse.analyze on that device
 and prints the ratio analyse / read. The goal on a GPU is <= 1.2x.
 
-Usage: python scripts/bench_analyze.py MODEL_DIR [MODEL_DIR ...] [--device auto|cpu|cuda|both] [--repeat 3] [--cold]
+Usage: python -m scripts.bench.analyze MODEL_DIR [MODEL_DIR ...] [--device auto|cpu|cuda|both] [--repeat 3] [--cold]
 """
 from __future__ import annotations
 

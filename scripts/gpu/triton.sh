@@ -2,13 +2,13 @@
 # GPU check of the quantizers on CUDA (the fused Triton kernels of ewq_gguf/quant/triton_kernels.py, and the torch
 # codec of MXFP4, which has no kernel), for the device machine: one H100 or H200, no internet, the repository as
 # working directory and the gguf wheel in .device/. Run:
-#   bash scripts/gpu_triton_check.sh
+#   bash scripts/gpu/triton.sh
 # It prints the triton version, runs tests/test_quant_triton.py on CUDA, then MXFP4's byte-identity tests on CUDA
 # against ggml_quantize_chunk (tests/test_quant_parity.py and tests/test_quant_mxfp4.py, every input class), then a
 # table of MB/s of float32 input of quantize() on CUDA: the torch codecs (backend="torch", unfused) against the
 # default path (backend="auto", the fused kernels where the type has one), each with "same bytes" against our torch
 # codecs on the CPU, which the CPU test suite proves equal to ggml_quantize_chunk's. ggml itself comes from the
-# llama-cpp-python that `bash scripts/gpu_check.sh ppl` builds into $EWQ_DEVICE_CACHE (run it first on the same
+# llama-cpp-python that `bash scripts/gpu/check.sh ppl` builds into $EWQ_DEVICE_CACHE (run it first on the same
 # warm machine); without it the MXFP4 tests are skipped. Takes under 5 minutes.
 # The wheel is installed into a fresh `mktemp -d` folder each run (it takes seconds), removed at the end.
 set -uo pipefail
@@ -30,7 +30,7 @@ if [ -d "$LLAMA/llama_cpp/lib" ]; then
   PYTHONPATH=$PYTHONPATH:$LLAMA timeout 150 python3 -m pytest -q -rs tests/test_quant_parity.py \
     tests/test_quant_mxfp4.py -k "MXFP4 and cuda" 2>&1 | tail -8
 else
-  echo "skipped: no llama-cpp-python build at $LLAMA (bash scripts/gpu_check.sh ppl makes it)"
+  echo "skipped: no llama-cpp-python build at $LLAMA (bash scripts/gpu/check.sh ppl makes it)"
 fi
 
 echo "== throughput, MB/s of float32 input"

@@ -1,7 +1,7 @@
 """Byte-identity check of the written files: every planning method on both development models, hashed.
 
-    python scripts/check_identical_outputs.py --save baseline.json --work out/identity     # before a change
-    python scripts/check_identical_outputs.py --against baseline.json --work out/identity  # after it
+    python -m scripts.check.identical_outputs --save baseline.json --work out/identity     # before a change
+    python -m scripts.check.identical_outputs --against baseline.json --work out/identity  # after it
 
 For each development model (ewq_gguf.devenv: models/smollm2 and models/qwen25, or under EWQ_DEV_MODELS) it writes,
 through ewq_gguf.api.convert, one GGUF per case: every planning method with its defaults (lim and optimal from a
@@ -77,7 +77,8 @@ def write_all(work: Path, calibration_dir: Path, tokens: int) -> dict[str, dict[
     for model_name in DEV_MODEL_NAMES:
         model_dir = dev_model(model_name)
         if not model_dir.is_dir():
-            sys.exit(f"development model {model_name} not found at {model_dir} (scripts/make_dev_model.py makes it)")
+            sys.exit(f"development model {model_name} not found at {model_dir} "
+                     f"(python -m scripts.setup.make_dev_model makes it)")
         calibration = calibration_for(model_name, calibration_dir, tokens)
         out = work / model_name
         out.mkdir(parents=True, exist_ok=True)

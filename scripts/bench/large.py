@@ -10,7 +10,7 @@ process with the shards evicted from the page cache first (so reads come from di
 and prints wall time, throughput and peak RSS against the bound 2 GB + 2 x the largest tensor. The checkpoint and
 the output are deleted afterwards unless --keep.
 
-    python scripts/bench_large.py [--folder DIR] [--size-gb 8] [--type Q8_0 | --method ewq] [--split-max-size 2G]
+    python -m scripts.bench.large [--folder DIR] [--size-gb 8] [--type Q8_0 | --method ewq] [--split-max-size 2G]
                                   [--tokenizer-from DIR] [--keep] [--results docs/results.md]
 """
 from __future__ import annotations
@@ -29,14 +29,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from bench_analyze import evict  # noqa: E402
-from llama_tools import MeasuredRun, run_measured  # noqa: E402
-from results_file import shown_arguments, update_section  # noqa: E402
-
-from ewq_gguf.devenv import REPOSITORY, dev_model  # noqa: E402
+from ewq_gguf.devenv import REPOSITORY, dev_model
+from scripts.bench.analyze import evict
+from scripts.common.llama_tools import MeasuredRun, run_measured
+from scripts.common.results_file import shown_arguments, update_section
 
 # Llama-3-8B's block; the block count is chosen for the size asked for
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -59,7 +55,7 @@ def tokenizer_into(folder: Path, source: Path | None) -> dict:
                 shutil.copy(source / name, folder / name)
         config = json.loads((source / "config.json").read_text())
         return {key: config[key] for key in ("vocab_size", "bos_token_id", "eos_token_id")}
-    from tiny_tokenizers import make_bpe_tokenizer
+    from testkit.tiny_tokenizers import make_bpe_tokenizer
 
     tokenizer = make_bpe_tokenizer(folder, style="llama3")
     return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
@@ -292,7 +288,7 @@ def recorded_command(folder: Path | None) -> str:
                 kept.append(argument)
             skip = argument == "--folder"
         arguments = kept
-    return "python scripts/bench_large.py " + shown_arguments(arguments)
+    return "python -m scripts.bench.large " + shown_arguments(arguments)
 
 
 def _machine() -> str:

@@ -1,6 +1,6 @@
 """Fine-tune a causal language model for a few SGD steps, then write it to GGUF straight from memory.
 
-    python scripts/example_finetune_export.py [MODEL_DIR_OR_HUB_ID] [OUT.gguf]
+    python -m scripts.examples.finetune_export [MODEL_DIR_OR_HUB_ID] [OUT.gguf]
 
 The same code as the README's "Use from Python" section; defaults: HuggingFaceTB/SmolLM2-135M, finetuned.gguf.
 """

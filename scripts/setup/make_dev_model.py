@@ -11,7 +11,7 @@ comparisons between GGUF types unfair (4-bit would look better than 5-bit). So e
 grid step (centre +- step/2): a sample of weights consistent with the file, behaving like real bf16 weights.
 The same seed gives the same bytes.
 
-Usage: python scripts/make_dev_model.py OUT_DIR [--model smollm2|qwen25] [--seed 0]
+Usage: python -m scripts.setup.make_dev_model OUT_DIR [--model smollm2|qwen25] [--seed 0]
 Needs numpy, gguf, torch, transformers, accelerate (transformers' GGUF loader asks for it) and safetensors.
 """
 from __future__ import annotations

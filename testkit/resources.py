@@ -25,7 +25,7 @@ def dev_model(name: str = "smollm2") -> Path:
     """A development model's folder (bf16 safetensors, config, tokenizer)."""
     folder = devenv.dev_model(name)
     if not (folder / "model.safetensors").is_file():
-        _missing(f"development model {name} not present at {folder} (python scripts/make_dev_model.py "
+        _missing(f"development model {name} not present at {folder} (python -m scripts.setup.make_dev_model "
                  f"{folder} --model {name}, or set EWQ_DEV_MODELS)")
     return folder
 

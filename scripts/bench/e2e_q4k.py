@@ -5,7 +5,7 @@ llama.cpp: `convert_hf_to_gguf.py DIR --outtype bf16` (exact for bf16 checkpoint
 `llama-quantize --pure IN OUT Q4_K_S 2` (2 threads). Prints both wall times, their ratio, and how many tensors the
 two files store in the same type and the same bytes. Extra arguments for ewq-gguf pass through --convert-arg.
 
-    python scripts/bench_e2e_q4k.py [MODEL_DIR] [--outtype bf16] [--threads 2] [--convert-arg=--quantizer=ggml]
+    python -m scripts.bench.e2e_q4k [MODEL_DIR] [--outtype bf16] [--threads 2] [--convert-arg=--quantizer=ggml]
         [--results docs/results.md]
 """
 from __future__ import annotations
@@ -16,14 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_llama_quantize import compare_files  # noqa: E402
-from llama_tools import run_convert, run_measured  # noqa: E402
-from results_file import shown, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.devenv import dev_model
+from scripts.check.llama_quantize import compare_files
+from scripts.common.llama_tools import run_convert, run_measured
+from scripts.common.results_file import shown, update_section
 
 
 def main() -> None:
@@ -70,7 +67,7 @@ def main() -> None:
     if args.results:
         passed = "".join(f" --convert-arg={arg}" for arg in args.convert_arg)
         title = f"End-to-end Q4_K: ewq-gguf vs convert_hf_to_gguf.py + llama-quantize ({model_dir.resolve().name})"
-        command = f"python scripts/bench_e2e_q4k.py {shown(model_dir)}{passed} --results {shown(args.results)}"
+        command = f"python -m scripts.bench.e2e_q4k {shown(model_dir)}{passed} --results {shown(args.results)}"
         update_section(args.results, title, table, command=command)
 
 

@@ -4,7 +4,7 @@ Prints wall time and peak RSS of both conversions (each in its own process, meas
 llama-perplexity-method PPL of both files on the same token ids of real text (they must agree within 0.1%).
 llama.cpp's side needs vendor/build_llama_tools.sh to have run; without it only ours is measured.
 
-    python scripts/bench_convert.py [MODEL_DIR] [--chunks 8] [--ctx 512] [--results docs/results.md]
+    python -m scripts.bench.convert [MODEL_DIR] [--chunks 8] [--ctx 512] [--results docs/results.md]
 """
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_tools import run_convert, run_measured  # noqa: E402
-from results_file import shown, update_section  # noqa: E402
-
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
-from ewq_gguf.validate import compare  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.devenv import dev_model
+from ewq_gguf.validate import compare
+from scripts.common.llama_tools import run_convert, run_measured
+from scripts.common.results_file import shown, update_section
 
 
 def main() -> None:
@@ -58,7 +55,7 @@ def main() -> None:
     print(table)
     if args.results:
         update_section(args.results, "Conversion to BF16: ewq-gguf vs convert_hf_to_gguf.py", table,
-                       command=f"python scripts/bench_convert.py {shown(model_dir)} --results {shown(args.results)}")
+                       command=f"python -m scripts.bench.convert {shown(model_dir)} --results {shown(args.results)}")
 
 
 if __name__ == "__main__":

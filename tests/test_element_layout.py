@@ -8,7 +8,7 @@ import torch
 
 from ewq_gguf.source.checkpoint import Checkpoint
 from ewq_gguf.source.model import open_checkpoint
-from tiny_models import make_tiny_model
+from testkit.tiny_models import make_tiny_model
 
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM",

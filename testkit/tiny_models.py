@@ -79,9 +79,12 @@ ADDED_SPECIAL_TOKENS: dict[str, list[str]] = {
 
 
 def make_tiny_model(out_dir: Path, architecture: str = "LlamaForCausalLM", *, dtype: torch.dtype = torch.float32,
-                    seed: int = 0, max_shard_size: Optional[str] = None, **overrides: Any) -> Path:
-    """Write a tiny random checkpoint of `architecture` into out_dir; returns out_dir."""
-    model_type, arch_overrides, tokenizer_style = {**TINY, **CONVERTED}[architecture]
+                    seed: int = 0, max_shard_size: Optional[str] = None, tokenizer_style: Optional[str] = None,
+                    **overrides: Any) -> Path:
+    """Write a tiny random checkpoint of `architecture` into out_dir; returns out_dir. tokenizer_style: another
+    tokenizer than the architecture's own (as "devmodel", which llama.cpp's converter recognises)."""
+    model_type, arch_overrides, own_style = {**TINY, **CONVERTED}[architecture]
+    tokenizer_style = tokenizer_style or own_style
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_style == "devmodel":

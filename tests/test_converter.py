@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType, GGUFReader
 
+import ewq_gguf.source.model as source_model
 from ewq_gguf import llamacpp
 from ewq_gguf.api import convert
 from ewq_gguf.errors import UnsupportedArchitectureError
@@ -114,3 +115,14 @@ def test_unknown_architecture_names_itself_and_the_supported(tmp_path, converted
     (strange / "config.json").write_text(config)
     with pytest.raises(UnsupportedArchitectureError, match="NoSuchForCausalLM.*MixtralForCausalLM"):
         open_checkpoint(strange)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"])
+def test_both_routes_write_the_same_tensors(tmp_path, monkeypatch, architecture):
+    """Where our own adapters read a family, llama.cpp's converter gives the same tensors, byte for byte (README,
+    "Supported architectures": why both routes stay). The tokenizer is one the converter recognises."""
+    folder = make_tiny_model(tmp_path / "hf", architecture, tokenizer_style="devmodel")
+    ours = convert(folder, tmp_path / "adapter.gguf", "uniform", type="Q8_0", progress=False).path
+    monkeypatch.setattr(source_model, "has_adapter", lambda config: False)
+    theirs = convert(folder, tmp_path / "converter.gguf", "uniform", type="Q8_0", progress=False).path
+    assert tensors(ours) == tensors(theirs)

@@ -1,14 +1,20 @@
 """Calibration of mixture-of-experts models: per-expert importance vectors counted by routed tokens (as
-llama-imatrix counts them), their GGUF imatrix file, and an optimal plan whose file llama.cpp loads."""
+llama-imatrix counts them), their GGUF imatrix file, gradients moved onto the file's expert tensors, and an optimal
+plan whose file llama.cpp loads. Mixtral's experts multiply by F.linear with (ffn x width) slices; gpt-oss's by
+x @ w with (width x 2 ffn) slices whose columns interleave gate and up, which llama.cpp's converter transposes and
+splits into ffn_gate_exps and ffn_up_exps."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import zlib
+
 import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ewq_gguf.calibrate import calibrate
@@ -29,14 +35,39 @@ def mixtral(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("gpt-oss") / "tiny", "GptOssForCausalLM")
+
+
+@pytest.fixture(scope="module")
 def calibrated(mixtral, calibration_text):
     return calibrate(mixtral, calibration_text, tokens=TOKENS, ctx=CTX, sensitivity_tokens=CTX, error_types=(),
                      device="cpu", progress=False)
 
 
-def whole_model_expert_sums(folder, text: str):
+@pytest.fixture(scope="module")
+def calibrated_gpt_oss(gpt_oss, calibration_text):
+    # gradients on every chunk (in their order), for the whole-model reference of the Fisher sums
+    return calibrate(gpt_oss, calibration_text, tokens=TOKENS, ctx=CTX, sensitivity_tokens=TOKENS, error_types=(),
+                     device="cpu", compute_dtype="float32", progress=False)
+
+
+def mixtral_down_input(module, expert, tokens):
+    """Mixtral's SiLU GLU: gate_up_proj[expert] is (2 ffn x width), gate then up."""
+    gate, up = (tokens @ module.gate_up_proj[expert].T).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gpt_oss_down_input(module, expert, tokens):
+    """gpt-oss's clamped GLU: gate_up_proj[expert] is (width x 2 ffn), gate and up interleaved, with biases."""
+    gate_up = tokens @ module.gate_up_proj[expert] + module.gate_up_proj_bias[expert]
+    gate, up = gate_up[..., ::2].clamp(max=module.limit), gate_up[..., 1::2].clamp(-module.limit, module.limit)
+    return (up + 1) * gate * torch.sigmoid(gate * module.alpha)
+
+
+def whole_model_expert_sums(folder, text: str, down_input=mixtral_down_input):
     """Reference: the whole transformers model in memory; the tokens each expert's router picks, from the experts'
-    own inputs, and the down projection's input computed here from each expert's weights (Mixtral's SiLU GLU)."""
+    own inputs, and the down projection's input computed here from each expert's weights (down_input)."""
     source = open_checkpoint(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     chunks = calibration_tokens(AutoTokenizer.from_pretrained(folder), text, TOKENS, CTX)
@@ -53,22 +84,24 @@ def whole_model_expert_sums(folder, text: str):
         n_experts = module.gate_up_proj.shape[0]
         for expert in range(n_experts):
             tokens = hidden[(top_k_index == expert).any(-1)]
-            gate, up = (tokens @ module.gate_up_proj[expert].T).chunk(2, dim=-1)
             for kind in ("gate", "up"):
                 add(f"blk.{block}.ffn_{kind}_exps.weight", expert, n_experts, tokens)
-            add(f"blk.{block}.ffn_down_exps.weight", expert, n_experts, torch.nn.functional.silu(gate) * up)
+            add(f"blk.{block}.ffn_down_exps.weight", expert, n_experts, down_input(module, expert, tokens))
 
     for block, layer in enumerate(model.model.layers):
         layer.mlp.experts.register_forward_pre_hook(lambda module, args, block=block: on_experts(module, args, block))
     with torch.no_grad():
         for chunk in chunks:
             model(input_ids=chunk[None], use_cache=False)
-    assert set(sums) == {spec.name for spec in source.specs if "_exps" in spec.name}
+    assert set(sums) == {spec.name for spec in source.specs if "_exps" in spec.name and spec.is_matrix}
     return sums, counts, chunks
 
 
-def test_expert_importance_is_counted_by_routed_tokens(mixtral, calibration_text, calibrated):
-    sums, counts, chunks = whole_model_expert_sums(mixtral, calibration_text.read_text())
+@pytest.mark.parametrize("model, down_input", [("mixtral", mixtral_down_input), ("gpt_oss", gpt_oss_down_input)])
+def test_expert_importance_is_counted_by_routed_tokens(model, down_input, calibration_text, request):
+    folder = request.getfixturevalue(model)
+    calibrated = request.getfixturevalue("calibrated" if model == "mixtral" else "calibrated_gpt_oss")
+    sums, counts, chunks = whole_model_expert_sums(folder, calibration_text.read_text(), down_input)
     for name, reference in sums.items():
         assert calibrated.imatrix.counts[name].tolist() == counts[name].tolist(), name
         # each token goes to top-k experts: the counts add up to k per token
@@ -78,6 +111,36 @@ def test_expert_importance_is_counted_by_routed_tokens(mixtral, calibration_text
         assert np.allclose(vector, (reference / counts[name][:, None]).numpy(), rtol=1e-5), name
     # a sensitivity for each whole stacked tensor
     assert set(sums) <= set(calibrated.sensitivity)
+
+
+def test_gpt_oss_expert_fisher_sums_are_the_file_tensors(gpt_oss, calibration_text, calibrated_gpt_oss):
+    """The Fisher row and column sums of gpt-oss's expert tensors, recomputed on the whole model with the labels the
+    calibration drew, on the file's tensors: the gradient of the fused (experts x width x 2 ffn) gate_up_proj
+    transposed and split into its even (gate) and odd (up) rows, down_proj's transposed (as llama.cpp's converter
+    moves the weights). Neither is a move of whole rows and columns (SourceModel.element_layout), so the sums are
+    taken on the gradient moved element by element (element_moves)."""
+    model = AutoModelForCausalLM.from_pretrained(gpt_oss, dtype=torch.float32).eval()
+    chunks = calibration_tokens(AutoTokenizer.from_pretrained(gpt_oss), calibration_text.read_text(), TOKENS, CTX)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    rows, columns = {}, {}
+    for index, chunk in enumerate(chunks):
+        log_probs = torch.log_softmax(model(input_ids=chunk[None]).logits.float(), -1)[0]
+        generator = torch.Generator().manual_seed(zlib.crc32(f"0:{index}".encode()))    # BlockPasses._draw's
+        drawn = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)
+        parameters = [weight for module in experts for weight in (module.gate_up_proj, module.down_proj)]
+        gradients = torch.autograd.grad(-log_probs.gather(-1, drawn).sum(), parameters)
+        for block in range(len(experts)):
+            gate_up, down = (gradient.transpose(-1, -2).double() for gradient in gradients[2 * block:2 * block + 2])
+            for kind, moved in (("gate", gate_up[:, ::2]), ("up", gate_up[:, 1::2]), ("down", down)):
+                name = f"blk.{block}.ffn_{kind}_exps.weight"
+                rows[name] = rows.get(name, 0) + moved.pow(2).sum(-1).reshape(-1)
+                columns[name] = columns.get(name, 0) + moved.pow(2).sum((0, 1))
+    assert set(rows) == {name for name in calibrated_gpt_oss.row_fisher if "_exps" in name}
+    for name in rows:
+        assert np.allclose(calibrated_gpt_oss.row_fisher[name], rows[name].numpy() / TOKENS, rtol=1e-3,
+                           atol=1e-6 * float(rows[name].max()) / TOKENS), name
+        assert np.allclose(calibrated_gpt_oss.column_fisher[name], columns[name].numpy() / TOKENS, rtol=1e-3), name
+    assert rows["blk.0.ffn_gate_exps.weight"].shape == (4 * 512,)
 
 
 def test_expert_importance_round_trips_through_the_imatrix_gguf(calibrated, tmp_path):
@@ -93,18 +156,20 @@ def test_expert_importance_round_trips_through_the_imatrix_gguf(calibrated, tmp_
         assert loaded.counts[name].tolist() == calibrated.imatrix.counts[name].tolist()
 
 
-def test_an_optimal_plan_of_a_moe_loads_in_llama_cpp(mixtral, calibration_text, tmp_path):
+@pytest.mark.parametrize("model", ["mixtral", "gpt_oss"])
+def test_an_optimal_plan_of_a_moe_loads_in_llama_cpp(model, calibration_text, tmp_path, request):
+    folder = request.getfixturevalue(model)
     calibration = tmp_path / "calibration.json"
     out = tmp_path / "optimal.gguf"
     common = [sys.executable, "-m", "ewq_gguf"]
-    subprocess.run([*common, "calibrate", str(mixtral), "--text", str(calibration_text), "--tokens", str(TOKENS),
+    subprocess.run([*common, "calibrate", str(folder), "--text", str(calibration_text), "--tokens", str(TOKENS),
                     "--ctx", str(CTX), "--sensitivity-tokens", str(CTX), "--threads", "1", "--out",
                     str(calibration)], check=True, capture_output=True)
-    done = subprocess.run([*common, "convert", str(mixtral), str(out), "--method", "optimal", "--target-bpw", "5",
+    done = subprocess.run([*common, "convert", str(folder), str(out), "--method", "optimal", "--target-bpw", "5",
                            "--calibration", str(calibration)], check=True, capture_output=True, text=True)
     assert "blk.1.ffn_down_exps.weight" in done.stdout        # the plan table shows the expert tensors
     types = {tensor.name: tensor.tensor_type for tensor in gguf.GGUFReader(out).tensors}
-    expert_types = {types[name] for name in types if "_exps" in name}
+    expert_types = {types[name] for name in types if "_exps.weight" in name}     # gpt-oss's expert biases stay F32
     assert len(expert_types) > 1 and all(qtype != gguf.GGMLQuantizationType.F32 for qtype in expert_types)
     logits = gguf_logits(out, list(range(5, 45)))
     assert np.isfinite(logits).all()

@@ -77,6 +77,11 @@ class Adapter:
             raise InputError(f"tensor '{hf_name}' has no GGUF name for architecture {self.arch_name}")
         return name
 
+    def gguf_names(self, hf_name: str) -> list[str]:
+        """Every GGUF tensor made from a checkpoint tensor (one here; llama.cpp's converter splits some fused ones)."""
+        name = self.gguf_name(hf_name)
+        return [] if name is None else [name]
+
     # --- values ------------------------------------------------------------------------------------------------
     def transform(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor's values as llama.cpp expects them (identity unless the layouts differ)."""

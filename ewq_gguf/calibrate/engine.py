@@ -120,10 +120,11 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
         unmeasured = [spec.name for spec in source.specs if spec.is_matrix and len(spec.shape) == 3
                       and spec.name not in imatrix.sums]
         if unmeasured:
-            # experts that transformers' module computes other than by slices of the stacked weights (gpt-oss's
-            # fused, interleaved gate_up) are not yet followed to their GGUF tensors
-            raise InputError(f"calibration cannot run {source.adapter.arch_name} yet: its expert weights ({unmeasured[0]}, "
-                             f"...) are not reached expert by expert")
+            # a mixture-of-experts module whose experts multiply by their weights in a form the importance hooks do
+            # not follow (passes._ExpertInputs: slices of the 3-D weights, by F.linear or matmul, transposed or not)
+            raise InputError(f"calibration cannot measure the expert weights of {source.adapter.arch_name} "
+                             f"({unmeasured[0]}, ...) expert by expert: transformers' module computes them in a way "
+                             f"the importance hooks do not follow")
         passes.head()
         seconds["activations"] = time.perf_counter() - started
         lim = passes.lim()

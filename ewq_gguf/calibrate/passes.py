@@ -29,7 +29,9 @@ by 2x to 13x for one pair in twenty. So the weighted errors t2_w = sum_ij R_i C_
 weight. A linear layer's rows are its outputs and its columns its inputs; a vocabulary matrix's row is a token, whose
 mass is how often it is read or predicted. The sums are taken on the checkpoint's tensors and moved to the file's
 rows and columns as the reading route moves their elements (SourceModel.element_layout): stacked experts are rows
-like any other.
+like any other. Where the route moves single elements rather than whole rows and columns (gpt-oss's fused expert
+gate_up_proj, transposed and split into ffn_gate_exps and ffn_up_exps), each chunk's gradient is moved into the
+file's layout (SourceModel.element_moves) and summed there.
 
 The output head's gradient is never formed (vocabulary x width). Its Fisher is taken in expectation over the drawn
 labels instead: element (r, j)'s is sum_s p_sr (1 - p_sr) h_sj^2 (times the squared derivative of any soft-cap);
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import zlib
 from contextlib import ExitStack
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -95,16 +97,17 @@ class BlockPasses:
         self.fisher_columns: dict[str, np.ndarray] = work.load_arrays("columns")
 
     # --- names ---------------------------------------------------------------------------------------------------
-    def gguf_name(self, stored: str) -> Optional[str]:
-        """The planned GGUF weight made from checkpoint tensor `stored` (None: none, or one kept in float)."""
-        name = self.source.adapter.gguf_name(stored)
-        spec = self.source.by_name.get(name) if name else None
-        return name if spec is not None and spec.is_matrix else None
+    def gguf_weights(self, stored: str) -> list[str]:
+        """The planned GGUF weights made from checkpoint tensor `stored`: none (one kept in float, or unused), one,
+        or several where the route splits a fused tensor (gpt-oss's gate_up_proj: ffn_gate_exps and ffn_up_exps)."""
+        names = self.source.adapter.gguf_names(stored)
+        return [name for name in names if name in self.source.by_name and self.source.by_name[name].is_matrix]
 
     def gguf_names(self, parameter_name: str) -> list[str]:
         """The planned GGUF weights a parameter of the model feeds: one, or two for experts' fused gate and up."""
-        names = (self.gguf_name(stored) for stored in self.model.parameters.checkpoint_names(parameter_name))
-        return list(dict.fromkeys(name for name in names if name is not None))
+        names = (name for stored in self.model.parameters.checkpoint_names(parameter_name)
+                 for name in self.gguf_weights(stored))
+        return list(dict.fromkeys(names))
 
     def _save(self) -> None:
         arrays = {f"sums:{name}": value for name, value in self.imatrix.sums.items()}
@@ -174,6 +177,8 @@ class BlockPasses:
         return stack
 
     def _add_input(self, name: str, inputs: torch.Tensor, expert: int = 0, n_experts: int = 1) -> None:
+        if n_experts > 1 and inputs.shape[-1] != self.source.by_name[name].shape[-1]:
+            return   # a product with an expert's slice that is not its weight's input (the check after the pass says so)
         flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.imatrix.add(name, flat.pow(2).sum(0).double().cpu().numpy(), flat.shape[0], expert, n_experts)
 
@@ -288,40 +293,34 @@ class BlockPasses:
                 weights = [(f"{prefix}.{local}", parameter) for local, parameter in layer.named_parameters()
                            if self.gguf_names(f"{prefix}.{local}")]
                 traces: dict[str, list[float]] = {}
-                # per GGUF weight and checkpoint tensor: the row and column sums of its squared gradient
+                # per GGUF weight: how its checkpoint tensors' elements reach the file (_Route), and the row and
+                # column sums of its squared gradient, per checkpoint tensor or (route.move) in the file's layout
+                routes: dict[str, _Route] = {}
                 marginals: dict[str, dict[str, list[torch.Tensor]]] = {}
                 for index in range(self.n_grad):
                     hidden = inputs.read(index, self.device).requires_grad_(True)
                     output = self.model.run_block(layer, block, hidden)
                     output.backward(source.read(index, self.device))
-                    squares: dict[str, float] = {}
-                    for name, parameter in weights:
-                        # a parameter holding several GGUF weights (fused experts) is cut into the checkpoint's
-                        # tensors, each of which one GGUF weight is made of
-                        for stored, gradient in self._pieces(name, parameter.grad).items():
-                            gguf_name = self.gguf_name(stored)
-                            if gguf_name is None:
-                                continue
-                            row_squares, column_squares = _square_marginals(gradient)
-                            squares[gguf_name] = squares.get(gguf_name, 0.0) + float(row_squares.sum())
-                            pieces = marginals.setdefault(gguf_name, {})
-                            if stored in pieces:
-                                pieces[stored][0] += row_squares
-                                pieces[stored][1] += column_squares
+                    for gguf_name, pieces in self._weight_pieces(weights, gradients=True).items():
+                        if gguf_name not in routes:
+                            routes[gguf_name] = self._route(gguf_name, pieces)
+                        move = routes[gguf_name].move
+                        sums = ({FILE_LAYOUT: _square_marginals(move(pieces))} if move is not None else
+                                {stored: _square_marginals(gradient) for stored, gradient in pieces.items()})
+                        accumulated = marginals.setdefault(gguf_name, {})
+                        for key, (row_squares, column_squares) in sums.items():
+                            if key in accumulated:
+                                accumulated[key][0] += row_squares
+                                accumulated[key][1] += column_squares
                             else:
-                                pieces[stored] = [row_squares, column_squares]
-                    for gguf_name, square in squares.items():
+                                accumulated[key] = [row_squares, column_squares]
+                        square = sum(float(row_squares.sum()) for row_squares, _ in sums.values())
                         traces.setdefault(gguf_name, []).append(square)
                     for parameter in layer.parameters():
                         parameter.grad = None
                     target.write(index, hidden.grad)
-                values: dict[str, dict[str, torch.Tensor]] = {}
-                for name, parameter in weights:
-                    for stored, value in self._pieces(name, parameter.detach()).items():
-                        if self.gguf_name(stored) is not None:
-                            values.setdefault(self.gguf_name(stored), {})[stored] = value
-                for gguf_name, pieces in values.items():
-                    self._add_block_weight(gguf_name, pieces, marginals[gguf_name])
+                for gguf_name, pieces in self._weight_pieces(weights, gradients=False).items():
+                    self._add_block_weight(gguf_name, pieces, marginals[gguf_name], routes[gguf_name])
             state["traces"].update(traces)
             state["backward"] = done + 1
             state["gradient"] = target_name
@@ -373,6 +372,29 @@ class BlockPasses:
             tensor = torch.zeros(parameter.shape, dtype=parameter.dtype, device=parameter.device)
         return self.model.parameters.split(name, tensor)
 
+    def _weight_pieces(self, weights: list[tuple[str, torch.Tensor]], gradients: bool,
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+        """GGUF weight -> {checkpoint tensor: its values (or gradient)}: each parameter (gradient) cut into the
+        checkpoint's tensors (fused experts: per expert and projection), each going to the GGUF weights made of it
+        (a fused tensor the route splits: to each of its parts), in the checkpoint tensors' order."""
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for name, parameter in weights:
+            tensor = parameter.grad if gradients else parameter.detach()
+            for stored, piece in self._pieces(name, tensor).items():
+                for gguf_name in self.gguf_weights(stored):
+                    found.setdefault(gguf_name, {})[stored] = piece
+        return found
+
+    def _route(self, name: str, pieces: dict[str, torch.Tensor]) -> "_Route":
+        """How the reading route makes GGUF weight `name` of the checkpoint tensors `pieces` (module docstring)."""
+        spec = self.source.by_name[name]
+        shapes = {stored: tuple(piece.shape) for stored, piece in pieces.items()}
+        # whole rows and columns (cheap: marginals moved once, at the end) unless a tensor feeds several weights
+        shared = any(len(self.gguf_weights(stored)) > 1 for stored in pieces)
+        layout = None if shared else self.source.element_layout(spec, shapes)
+        move = self.source.element_moves(spec, shapes) if layout is None else None
+        return _Route(layout, move)
+
     def _add_fisher(self, name: str, rows, row_values: torch.Tensor, column_values: torch.Tensor) -> None:
         """Accumulate (float64) a weight's Fisher mass on its rows `rows` (indices, or a slice for all of them, in
         the file's row order) and on its columns."""
@@ -388,22 +410,26 @@ class BlockPasses:
         self.fisher_columns[name] += column_values.double().cpu().numpy()
 
     def _add_block_weight(self, name: str, values: dict[str, torch.Tensor],
-                          marginals: dict[str, list[torch.Tensor]]) -> None:
+                          marginals: dict[str, list[torch.Tensor]], route: "_Route") -> None:
         """A block weight's Fisher row and column sums, moved from its checkpoint tensors' rows and columns to the
-        file's as the reading route moves them (q and k rows are permuted for llama.cpp, experts stacked), then its
-        norms. Where the route does more than move whole rows and columns, the weight keeps even error weights."""
+        file's as the reading route moves them (q and k rows are permuted for llama.cpp, experts stacked), or taken
+        in the file's layout where the route moves single elements (route.move: a transpose, an interleaved split),
+        then its norms. Where the route does more than move elements, the weight keeps even error weights."""
         spec = self.source.by_name[name]
-        layout = self.source.element_layout(spec, {stored: tuple(value.shape) for stored, value in values.items()})
-        rows = torch.cat([marginals[stored][0] for stored in values])
-        columns = sum(marginals[stored][1] for stored in values)
-        if layout is not None:
-            row_of, column_of = layout
-            rows, columns = rows[row_of.to(rows.device)], columns[column_of.to(columns.device)]
+        n_rows, n_columns = spec.numel // spec.shape[-1], spec.shape[-1]
+        if route.move is not None:
+            rows, columns = marginals[FILE_LAYOUT]
+            norm2 = float(_square_marginals(route.move(values))[0].sum())
         else:
-            n_rows, n_columns = spec.numel // spec.shape[-1], spec.shape[-1]
-            rows, columns = rows.sum().expand(n_rows) / n_rows, columns.sum().expand(n_columns) / n_columns
+            rows = torch.cat([marginals[stored][0] for stored in values])
+            columns = sum(marginals[stored][1] for stored in values)
+            if route.layout is not None:
+                row_of, column_of = route.layout
+                rows, columns = rows[row_of.to(rows.device)], columns[column_of.to(columns.device)]
+            else:
+                rows, columns = rows.sum().expand(n_rows) / n_rows, columns.sum().expand(n_columns) / n_columns
+            norm2 = sum(float(_square_marginals(value)[0].sum()) for value in values.values())
         self._add_fisher(name, slice(None), rows, columns)
-        norm2 = sum(float(_square_marginals(value)[0].sum()) for value in values.values())
         self._note_norms(name, self.source.file_layout(spec, values), norm2)
 
     def _note_norms(self, name: str, weight: torch.Tensor, norm2: Optional[float] = None) -> None:
@@ -445,13 +471,35 @@ def _square_marginals(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(row_sums), column_sums
 
 
+# the key of a weight's Fisher marginals taken in the file's layout (_Route.move), beside checkpoint tensor names
+FILE_LAYOUT = ""
+
+
+class _Route(NamedTuple):
+    """How the reading route makes a GGUF weight of its checkpoint tensors, for moving gradients: by whole rows and
+    columns (layout: SourceModel.element_layout), else element by element (move: SourceModel.element_moves), else
+    neither (both None: the route computes; even error weights)."""
+
+    layout: Optional[tuple[torch.Tensor, torch.Tensor]]
+    move: Optional[Callable[[dict[str, torch.Tensor]], torch.Tensor]]
+
+
 class _ExpertInputs(TorchFunctionMode):
     """While active, the inputs that reach each expert's slice of a 3-D expert weight go to `add(name, inputs,
     expert, n_experts)` for every GGUF weight of that parameter: transformers' eager experts take the weight's slice
-    of one expert (weight[expert]) and multiply the tokens routed to it by that slice (F.linear, or @), so each
-    expert's vector is counted by its own tokens, as llama-imatrix counts ggml_mul_mat_id's."""
+    of one expert (weight[expert]) and multiply the tokens routed to it by that slice, so each expert's vector is
+    counted by its own tokens, as llama-imatrix counts ggml_mul_mat_id's.
 
-    PRODUCTS = (F.linear, torch.matmul, torch.Tensor.__matmul__)
+    The slice is followed in whatever form the module multiplies by it: F.linear(x, w) (Mixtral, Qwen-MoE: w is
+    ffn x width), x @ w (gpt-oss: w is width x 2 ffn, gate and up interleaved in its columns), w @ x, and through
+    transposes and dtype casts of the slice. Whatever the form, the dimension a product contracts is the weight's
+    input, the file's columns (ggml_mul_mat's), so the input's vectors along it are what llama-imatrix squares."""
+
+    LINEAR = (F.linear,)
+    MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+    # views and copies of a slice that keep it the same expert's weight
+    VIEWS = (torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.t, torch.t, torch.Tensor.transpose,
+             torch.transpose, torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.float, torch.Tensor.type_as)
 
     def __init__(self, experts: dict[int, tuple[torch.Tensor, list[str]]], add: Callable):
         super().__init__()
@@ -459,8 +507,13 @@ class _ExpertInputs(TorchFunctionMode):
         self.add = add
         self.slices: dict[int, tuple[torch.Tensor, list[str], int, int]] = {}   # id(slice) -> (slice, names, ...)
 
+    def _slice(self, tensor) -> Optional[tuple[torch.Tensor, list[str], int, int]]:
+        found = self.slices.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        return found if found is not None and found[0] is tensor else None
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if func is torch.Tensor.__getitem__ and id(args[0]) in self.experts:
             weight, names = self.experts[id(args[0])]
             index = args[1]
@@ -468,12 +521,23 @@ class _ExpertInputs(TorchFunctionMode):
                                       and not index.is_floating_point()):
                 # the slice is kept with its id, so that the id is not reused while it is looked up
                 self.slices[id(result)] = (result, names, int(index), int(weight.shape[0]))
-        elif func in self.PRODUCTS and len(args) >= 2 and id(args[1]) in self.slices:
-            weight_slice, names, expert, n_experts = self.slices[id(args[1])]
-            if weight_slice is args[1]:
-                for name in names:
-                    self.add(name, args[0], expert, n_experts)
+        elif func in self.VIEWS and args and isinstance(result, torch.Tensor) and self._slice(args[0]):
+            self.slices[id(result)] = (result, *self._slice(args[0])[1:])
+        elif func in self.LINEAR:
+            found = self._slice(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if found:
+                self._count(found, args[0] if args else kwargs["input"])
+        elif func in self.MATMUL and len(args) >= 2:
+            if self._slice(args[1]):                                    # x @ w: x's rows are the inputs
+                self._count(self._slice(args[1]), args[0])
+            elif self._slice(args[0]) and args[1].dim() >= 2:           # w @ x: x's columns are
+                self._count(self._slice(args[0]), args[1].transpose(-1, -2))
         return result
+
+    def _count(self, found: tuple[torch.Tensor, list[str], int, int], inputs: torch.Tensor) -> None:
+        _, names, expert, n_experts = found
+        for name in names:
+            self.add(name, inputs, expert, n_experts)
 
     def __exit__(self, *exc_info):
         self.slices.clear()

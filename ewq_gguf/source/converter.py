@@ -100,9 +100,14 @@ class Conversion:
     tensors: list[ConvertedTensor]
     leaves: dict[int, str]           # id of a lazy leaf in the tensors' graphs -> the checkpoint tensor it loads
 
-    def gguf_names(self) -> dict[str, str]:
-        """checkpoint tensor name -> the GGUF tensor made from it (experts: the stacked tensor)."""
-        return {source: tensor.name for tensor in self.tensors for source in tensor.sources}
+    def gguf_names(self) -> dict[str, list[str]]:
+        """checkpoint tensor name -> the GGUF tensors made from it, in file order (experts: the stacked tensor; a
+        fused tensor the converter splits, as gpt-oss's gate_up_proj: each part)."""
+        names: dict[str, list[str]] = {}
+        for tensor in self.tensors:
+            for source in tensor.sources:
+                names.setdefault(source, []).append(tensor.name)
+        return names
 
 
 def run_converter(model_dir: Path) -> Conversion:
@@ -212,7 +217,11 @@ class ConverterRoute:
         self._gguf_names = conversion.gguf_names()
 
     def gguf_name(self, hf_name: str) -> Optional[str]:
-        return self._gguf_names.get(hf_name)
+        names = self._gguf_names.get(hf_name)
+        return names[-1] if names else None
+
+    def gguf_names(self, hf_name: str) -> list[str]:
+        return list(self._gguf_names.get(hf_name, ()))
 
     def transform(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor  # the converter's modify_tensors already made the values llama.cpp's

@@ -133,6 +133,53 @@ class SourceModel:
         column_of = _constant_index(numbered(1) / scale, 0, next(iter(shapes.values()))[-1])
         return None if row_of is None or column_of is None else (row_of, column_of)
 
+    def element_moves(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
+                      ) -> Optional[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
+        """Where each element of the file's tensor `spec` is one element of the checkpoint tensors `shapes` times a
+        factor (the route transposes, interleaves, splits, stacks, permutes, scales, and computes nothing else): a
+        function taking other values shaped like those tensors (a gradient) to the file's layout, moved as the
+        weights are and not scaled. None where the route does more. Unlike element_layout, the file's rows and
+        columns need not be the checkpoint's: gpt-oss's fused expert gate_up_proj (experts x width x 2 ffn) becomes
+        ffn_gate_exps and ffn_up_exps (experts x ffn x width) by a transpose and every other column."""
+        total = sum(math.prod(shape) for shape in shapes.values())
+        low = 2048     # elements numbered as high * low + low part: both exact in float32 up to 2^35 elements
+
+        def numbered(part: Optional[int]) -> torch.Tensor:
+            pieces, offset = {}, 0
+            for stored, shape in shapes.items():
+                count = math.prod(shape)
+                if part is None:
+                    values = torch.ones(count, dtype=torch.float64)
+                else:
+                    index = torch.arange(offset, offset + count, dtype=torch.int64)
+                    values = (1 + (index % low if part == 0 else index // low)).double()
+                pieces[stored] = values.to(torch.float32).reshape(shape)
+                offset += count
+            return self.file_layout(spec, pieces).double()
+
+        scale = numbered(None)
+        if tuple(scale.shape) != tuple(spec.shape) or not bool((scale != 0).all() and torch.isfinite(scale).all()):
+            return None
+        parts = []
+        for part in (0, 1):
+            numbers = numbered(part) / scale
+            rounded = numbers.round()
+            if not bool(torch.isfinite(numbers).all()) or float((numbers - rounded).abs().max()) > 0.25:
+                return None
+            parts.append(rounded)
+        index = (parts[1] - 1) * low + (parts[0] - 1)
+        if int(index.min()) < 0 or int(index.max()) >= total or int(parts[0].max()) > low:
+            return None
+        unscaled = bool((scale == 1).all())
+        del index, parts
+        factors = None if unscaled else scale.float()
+
+        def move(pieces: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            moved = self.file_layout(spec, pieces)
+            return moved if factors is None else moved / factors.to(moved.device)
+
+        return move
+
     def add_metadata(self, writer: gguf.GGUFWriter) -> None:
         writer.add_name(self.name)
         with config_errors():

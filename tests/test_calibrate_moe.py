@@ -22,6 +22,7 @@ from ewq_gguf.calibrate.imatrix import ImportanceMatrix
 from ewq_gguf.calibrate.runner import calibration_tokens
 from ewq_gguf.source.model import open_checkpoint
 from llama_runner import gguf_logits
+from testkit.resources import llama_tool
 from testkit.tiny_models import make_tiny_model
 
 TOKENS, CTX = 256, 64
@@ -141,6 +142,44 @@ def test_gpt_oss_expert_fisher_sums_are_the_file_tensors(gpt_oss, calibration_te
                            atol=1e-6 * float(rows[name].max()) / TOKENS), name
         assert np.allclose(calibrated_gpt_oss.column_fisher[name], columns[name].numpy() / TOKENS, rtol=1e-3), name
     assert rows["blk.0.ffn_gate_exps.weight"].shape == (4 * 512,)
+
+
+@pytest.mark.parametrize("model", ["llama", "mixtral", "gpt_oss"])
+def test_importance_vectors_equal_llama_imatrix(model, calibration_text, tmp_path, request):
+    """Our importance vectors (per expert for the MoE models) equal llama-imatrix's on the same text and context,
+    run on our F32 file of the same checkpoint. llama-imatrix lays chunks out its way (the text's tokens after one
+    BOS, cut into chunks of ctx, each chunk's first token then set to BOS), which calibration_tokens follows. Its
+    K/V cache is made F32 here: by default it is F16, whose rounding reaches the attention output's inputs and every
+    later block (vectors about 6e-4 apart on the tiny Llama), while our blocks keep float32. Its router (ffn_gate_inp)
+    vectors have no counterpart (routers stay F32), and our output head's is collected only with --process-output.
+    Tolerance: both sides compute in float32 from the same float32 weights, so only the order of float32 sums
+    differs: measured agreement about 1e-6 of each vector's largest value; 1e-4 leaves room for other CPUs' kernels."""
+    if model == "llama":
+        folder = make_tiny_model(tmp_path / "llama", "LlamaForCausalLM")
+        ours = calibrate(folder, calibration_text, tokens=TOKENS, ctx=CTX, sensitivity_tokens=CTX, error_types=(),
+                         device="cpu", progress=False)
+    else:
+        folder = request.getfixturevalue(model)
+        ours = request.getfixturevalue("calibrated" if model == "mixtral" else "calibrated_gpt_oss")
+    f32 = tmp_path / "f32.gguf"
+    subprocess.run([sys.executable, "-m", "ewq_gguf", "convert", str(folder), str(f32), "--method", "uniform",
+                    "--type", "F32"], check=True, capture_output=True)
+    out = tmp_path / "imatrix.gguf"
+    subprocess.run([str(llama_tool("llama-imatrix")), "-m", str(f32), "-f", str(calibration_text), "-c", str(CTX),
+                    "-b", str(CTX), "--chunks", str(TOKENS // CTX), "--no-ppl", "-t", "1", "-fa", "off", "-ctk", "f32",
+                    "-ctv", "f32", "-o", str(out)], check=True, capture_output=True)
+    theirs = ImportanceMatrix.load(out)
+    assert {name for name in theirs.sums if "ffn_gate_inp" not in name} == set(ours.imatrix.sums) - {"output.weight"}
+    for name, sums in theirs.sums.items():
+        if "ffn_gate_inp" in name:
+            continue
+        counts = theirs.counts[name]
+        assert ours.imatrix.counts[name].tolist() == counts.tolist(), name
+        if model != "llama" and "_exps" in name:
+            assert len(counts) == 4, name            # one count per expert
+        expected = sums.reshape(len(counts), -1) / counts[:, None]
+        measured = ours.imatrix.sums[name].reshape(len(counts), -1) / counts[:, None]
+        assert np.allclose(measured, expected, rtol=1e-4, atol=1e-4 * float(expected.max())), name
 
 
 def test_expert_importance_round_trips_through_the_imatrix_gguf(calibrated, tmp_path):

@@ -107,7 +107,7 @@ def calibrate(model_dir: str | Path, text: Optional[str | Path] = None, *, token
                                chunk_size=int(chunks.shape[1]))
     key = {"format": CALIBRATION_FORMAT, "model": model_fingerprint(source), "text": calibration_text.sha256,
            "tokens": int(chunks.numel()), "ctx": int(chunks.shape[1]), "gradient_chunks": n_grad,
-           "chunk_order": "spread", "seed": seed, "compute_dtype": str(model.compute_dtype)}
+           "chunk_order": "spread", "chunk_layout": "llama-imatrix", "seed": seed, "compute_dtype": str(model.compute_dtype)}
 
     def bar(items, **options):
         return progress_bar(items, enabled=progress, **options)

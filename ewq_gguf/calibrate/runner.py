@@ -29,6 +29,22 @@ class Weight:
     parameter: torch.nn.Parameter
     block: Optional[int]
     start: int                      # first block a change of this weight affects (n_blocks: only the head)
+    # where the parameter holds more than this weight (fused experts: Mixtral's gate and up halves, gpt-oss's
+    # interleaved gate and up columns) or holds it in another layout: for each element of the file's tensor, the
+    # flat index of the parameter's element it is (None: the parameter is the weight, rows and columns as the file's)
+    elements: Optional[torch.Tensor] = None
+
+    def in_file_layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A parameter-shaped tensor's elements of this weight, in the file's layout (its columns last)."""
+        return tensor if self.elements is None else tensor.reshape(-1)[self.elements.to(tensor.device)]
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """The parameter's elements that are this weight (None: all)."""
+        if self.elements is None:
+            return None
+        mask = torch.zeros(self.parameter.numel(), dtype=torch.bool, device=self.parameter.device)
+        mask[self.elements.reshape(-1).to(mask.device)] = True
+        return mask.reshape(self.parameter.shape)
 
 
 def calibration_tokens(tokenizer, text: str, n_tokens: int, ctx: int) -> torch.Tensor:
@@ -75,19 +91,36 @@ class ModelRunner:
         self.layers = self.decoder.layers
         self.n_blocks = len(self.layers)
         self.input_device = self.model.get_input_embeddings().weight.device
-        self.weights = self._map_weights(source)
+        self.weights = self._map_weights(model_dir, source)
 
-    def _map_weights(self, source: SourceModel) -> list[Weight]:
-        """Every 2-D parameter that is a weight of the GGUF file, in file order. A tied output head is the token
-        embedding's parameter (transformers lists a shared parameter once, under its first name)."""
-        found: dict[str, torch.nn.Parameter] = {}
+    def _map_weights(self, model_dir: str | Path, source: SourceModel) -> list[Weight]:
+        """Every parameter of 2 or more dimensions that is, or holds, a weight of the GGUF file, in file order. A
+        tied output head is the token embedding's parameter (transformers lists a shared parameter once, under its
+        first name). The checkpoint tensors a parameter is made of come from transformers' conversion mapping
+        (parameters.py), as in the streamed passes; where they are not simply the weight (stacked or fused experts),
+        the weight's elements are found in the parameter (Weight.elements)."""
+        from ..source.checkpoint import Checkpoint
+        from .parameters import CheckpointParameters
+
+        parameters = CheckpointParameters(self.model, Checkpoint(model_dir))
+        found: dict[str, tuple[torch.nn.Parameter, Optional[torch.Tensor]]] = {}
         for hf_name, parameter in self.model.named_parameters():
             if parameter.dim() < 2:
                 continue
-            name = source.adapter.gguf_name(hf_name)
-            spec = source.by_name.get(name) if name else None
-            if spec is not None and spec.is_matrix and spec.numel == parameter.numel():
-                found[name] = parameter
+            stored = parameters.checkpoint_names(hf_name) or [hf_name]
+            names = {stored_name: [name for name in source.adapter.gguf_names(stored_name)
+                                   if name in source.by_name and source.by_name[name].is_matrix]
+                     for stored_name in stored}
+            weights = list(dict.fromkeys(name for found_names in names.values() for name in found_names))
+            for name in weights:
+                spec = source.by_name[name]
+                own = [stored_name for stored_name in stored if name in names[stored_name]]
+                if len(stored) == 1 and len(weights) == 1 and spec.numel == parameter.numel():
+                    found[name] = (parameter, None)
+                    continue
+                if set(spec.source.split("+")) != set(own):
+                    continue     # a weight made of several parameters: not measured here
+                found[name] = (parameter, _elements(parameters, source, spec, hf_name, parameter, own))
         weights = []
         for spec in source.specs:
             if spec.name not in found:
@@ -98,7 +131,8 @@ class ModelRunner:
                 start = self.n_blocks
             else:
                 start = 0
-            weights.append(Weight(spec.name, found[spec.name], spec.block, start))
+            parameter, elements = found[spec.name]
+            weights.append(Weight(spec.name, parameter, spec.block, start, elements))
         return weights
 
     # --- suffix forwards ---------------------------------------------------------------------------------------
@@ -128,6 +162,29 @@ class ModelRunner:
             return nullcontext()
         cached = block_outputs[start - 1]
         return replaced_forwards(self.layers[:start], lambda index: (lambda *args, **kwargs: cached))
+
+def _elements(parameters, source: SourceModel, spec, hf_name: str, parameter: torch.Tensor,
+              own: list[str]) -> Optional[torch.Tensor]:
+    """For each element of the file's tensor `spec`, the flat index of the element of `parameter` it is made of:
+    the parameter's elements numbered (in two float32-exact parts), cut into the checkpoint's tensors by
+    transformers' conversion mapping, and moved as the reading route moves them. A route that computes rather than
+    moves elements is refused."""
+    low = 2048
+    index = torch.arange(parameter.numel(), dtype=torch.int64).reshape(parameter.shape)
+
+    def moved(values: torch.Tensor) -> torch.Tensor:
+        pieces = parameters.split(hf_name, values.to(torch.float32))
+        return source.file_layout(spec, {name: pieces[name] for name in own}).double()
+
+    scale = moved(torch.ones(parameter.shape))
+    parts = [moved(1 + index % low) / scale, moved(1 + index // low) / scale]
+    if not all(bool(torch.isfinite(part).all()) and float((part - part.round()).abs().max()) < 0.25 for part in parts):
+        raise InputError(f"noise injection cannot find {spec.name} in {hf_name}: the reading route computes it")
+    elements = (parts[1].round().long() - 1) * low + parts[0].round().long() - 1
+    if int(elements.min()) < 0 or int(elements.max()) >= parameter.numel():
+        raise InputError(f"noise injection cannot find {spec.name} in {hf_name}")
+    return elements
+
 
 def kl_per_token(base_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(base || candidate) at every position, nats (float64 sum over the vocabulary)."""

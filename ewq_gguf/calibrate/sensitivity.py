@@ -39,12 +39,14 @@ def noise_like(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def weighted_ratio(delta: torch.Tensor, weight: torch.Tensor, importance: Optional[torch.Tensor]) -> float:
-    """sum_j a_j ||delta_:j||^2 / sum_j a_j ||W_:j||^2 over input columns j (plain ratio without importance)."""
-    delta_columns = delta.double().pow(2).reshape(-1, delta.shape[-1]).sum(0)
-    weight_columns = weight.double().pow(2).reshape(-1, weight.shape[-1]).sum(0)
+    """sum_j a_j ||delta_:j||^2 / sum_j a_j ||W_:j||^2 over input columns j (plain ratio without importance); with
+    one importance vector per expert (a 3-D weight's), each expert's columns weighted by its own."""
+    width = delta.shape[-1]
     if importance is None:
-        return float(delta_columns.sum() / weight_columns.sum())
-    importance = importance.to(device=delta.device, dtype=torch.float64)
+        return float(delta.double().pow(2).sum() / weight.double().pow(2).sum())
+    importance = importance.to(device=delta.device, dtype=torch.float64).reshape(-1, width)
+    delta_columns = delta.double().pow(2).reshape(importance.shape[0], -1, width).sum(1)
+    weight_columns = weight.double().pow(2).reshape(importance.shape[0], -1, width).sum(1)
     return float((importance * delta_columns).sum() / (importance * weight_columns).sum())
 
 
@@ -58,12 +60,16 @@ def measure_sensitivities(runner: ModelRunner, ids: torch.Tensor, levels: Sequen
     for weight in progress_bar(chosen, desc="sensitivity", unit="weight", enabled=progress):
         parameter = weight.parameter
         original = parameter.detach().clone()
-        if not bool(original.any()):
+        own = weight.in_file_layout(original)      # the weight's elements (of a fused parameter: its part)
+        if not bool(own.any()):
             # an all-zero weight has no relative noise to add (and quantizes exactly): no sensitivity
             results[weight.name] = Sensitivity(0.0, 0.0, [0.0] * len(levels), [0.0] * len(levels), [0.0] * len(levels))
             continue
         noise = noise_like(original, weight.name)
-        noise *= original.float().norm() / noise.norm()      # relative size exactly 1; scaled per level below
+        mask = weight.mask()
+        if mask is not None:
+            noise *= mask                                    # the parameter's other weights keep their values
+        noise *= own.float().norm() / noise.norm()           # relative size exactly 1; scaled per level below
         column_weights = importance(weight.name)
         t2, t2_weighted, kl = [], [], []
         try:
@@ -72,8 +78,9 @@ def measure_sensitivities(runner: ModelRunner, ids: torch.Tensor, levels: Sequen
                 parameter.data.copy_(original + delta)
                 logits = runner.suffix_logits(ids, weight.start, block_outputs)
                 kl.append(float(kl_per_token(base, logits).mean()))
-                t2.append(weighted_ratio(delta, original, None))
-                t2_weighted.append(weighted_ratio(delta, original, column_weights))
+                own_delta = weight.in_file_layout(delta)
+                t2.append(weighted_ratio(own_delta, own, None))
+                t2_weighted.append(weighted_ratio(own_delta, own, column_weights))
         finally:
             parameter.data.copy_(original)
         results[weight.name] = Sensitivity(alpha=slope_through_origin(t2, kl),

@@ -40,3 +40,31 @@ def test_a_route_that_mixes_elements_has_no_layout(tmp_path):
     spec = next(spec for spec in model.specs if spec.name.endswith("attn_output.weight"))
     model.adapter.transform = lambda name, tensor: tensor.transpose(-1, -2)
     assert model.element_layout(spec, {spec.source: spec.shape}) is None
+
+
+def test_gpt_oss_expert_tensors_are_moved_element_by_element(tmp_path):
+    """gpt-oss's fused (experts x width x 2 ffn) gate_up_proj becomes ffn_gate_exps and ffn_up_exps (experts x ffn x
+    width) by a transpose and every other column, down_proj ffn_down_exps by a transpose: no move of whole rows and
+    columns (element_layout: None), a move of single elements (element_moves), which puts other values (a gradient)
+    where the route puts the weights."""
+    folder = make_tiny_model(tmp_path / "hf", "GptOssForCausalLM")
+    model, checkpoint = open_checkpoint(folder), Checkpoint(folder)
+    experts = [spec for spec in model.specs if spec.is_matrix and "_exps" in spec.name]
+    assert len(experts) == 3 * model.n_blocks
+    for spec in experts:
+        shapes = {spec.source: tuple(checkpoint.records[spec.source].shape)}
+        assert model.element_layout(spec, shapes) is None, spec.name
+        move = model.element_moves(spec, shapes)
+        assert move is not None, spec.name
+        assert torch.equal(move({spec.source: checkpoint.load(spec.source).float()}), model.load(spec).float())
+
+
+def test_a_route_that_computes_moves_no_elements(tmp_path):
+    """A transposed weight is a move of elements; one with something added to it is not."""
+    folder = make_tiny_model(tmp_path / "hf", "LlamaForCausalLM")
+    model = open_checkpoint(folder)
+    spec = next(spec for spec in model.specs if spec.name.endswith("attn_output.weight"))
+    model.adapter.transform = lambda name, tensor: tensor.transpose(-1, -2)
+    assert model.element_moves(spec, {spec.source: spec.shape}) is not None
+    model.adapter.transform = lambda name, tensor: tensor + tensor.roll(1, -1)
+    assert model.element_moves(spec, {spec.source: spec.shape}) is None

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from ewq_gguf.errors import InputError
 
+# Debian's reference manual (package debian-reference-en): the benchmarks' calibration and evaluation text
+DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 # Tried in order; the first that exists is used, and reports name it.
 DEFAULT_TEXT_CANDIDATES = (
-    Path("/usr/share/debian-reference/debian-reference.en.txt.gz"),
+    DEBIAN_REFERENCE,
     Path("/usr/share/common-licenses/GPL-3"),
 )
 

@@ -22,10 +22,10 @@ from ewq_gguf import llamacpp
 from ewq_gguf.api import convert
 from ewq_gguf.constants import DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS
 from ewq_gguf.devenv import dev_model
+from ewq_gguf.text import DEBIAN_REFERENCE
 from scripts.common.llama_tools import MeasuredRun, run_measured
 from scripts.common.results_file import cpu_name, shown, shown_arguments, update_section
 
-DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from ewq_gguf import llamacpp
 from ewq_gguf.api import convert
 from ewq_gguf.calibrate import Calibration, calibrate
 from ewq_gguf.devenv import REPOSITORY, dev_model
+from ewq_gguf.text import DEBIAN_REFERENCE
 from ewq_gguf.calibrate.imatrix import ImportanceMatrix
 from ewq_gguf.constants import DEFAULT_CALIBRATION_TOKENS
 from ewq_gguf.plan.optimal import DEFAULT_METRIC, METRICS, predicted_kld
@@ -46,7 +47,6 @@ from ewq_gguf.validate import CompareReport, compare
 from scripts.common.llama_tools import run_measured
 from scripts.common.results_file import shown_arguments, update_section
 
-DEBIAN_REFERENCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 PEER_MIXES = ("Q4_K_M", "Q3_K_M")
 # llama.cpp's k-quant ladder plus Q8_0 and F16: the candidate set without the 32-block and IQ4 types
 KQUANT_CANDIDATES = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16"

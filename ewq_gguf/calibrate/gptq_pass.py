@@ -110,8 +110,20 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
             entries.append(_marked(entry, *rounding[entry.name]))
         else:
             entries.append(_marked(entry, "nearest", _ineligible_note(entry)))
-    params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()))
+    params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()),
+                  gptq_objective=objective_summary(objectives))
     return GptqOutcome(Plan(plan.method, params, entries, plan.blocks), encoded, objectives)
+
+
+def objective_summary(objectives: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The kept roundings' output error against nearest rounding's: summed over the tensors, and the median per
+    tensor."""
+    if not objectives:
+        return {}
+    ratios = sorted(min(gptq, nearest) / nearest if nearest > 0 else 1.0 for gptq, nearest in objectives.values())
+    kept = sum(min(pair) for pair in objectives.values())
+    nearest = sum(pair[1] for pair in objectives.values())
+    return {"ratio": kept / nearest if nearest > 0 else 1.0, "median_ratio": ratios[len(ratios) // 2]}
 
 
 class _Hessians:

@@ -226,9 +226,9 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QType, importa
     if columns % group:
         raise ValueError(f"{qtype.name} cannot hold rows of {columns} elements (block size {group})")
     device = weight.device
-    hessian = hessian.to(device, torch.float32)
+    hessian = hessian.to(device)
     if importance is None:
-        importance = hessian.diagonal().clone()
+        importance = hessian.diagonal()
     importance = importance.to(device, torch.float32)
     upper = upper_inverse_cholesky(hessian, damp).to(torch.float32)
     w = weight.to(torch.float32).clone()

@@ -144,6 +144,10 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
         decided = make_plan(model, method, plan=plan, importance=importance, device=device, progress=progress,
                             **options)
     encoded = None
+    if rounding == "nearest" and any(entry.rounding != "nearest" or entry.rounding_note for entry in decided.entries):
+        # a reused plan of a GPTQ file: this file is rounded to nearest, and its plan must say so
+        decided = dataclasses.replace(decided, entries=[dataclasses.replace(entry, rounding="nearest", rounding_note="")
+                                                        for entry in decided.entries])
     if rounding == "gptq":
         from .calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS, gptq_round, planned_rounding
         from .progress import progress_bar

@@ -75,3 +75,17 @@ def test_no_tensor_loses_to_nearest_on_its_output_error(tiny_llama, calibration_
 def test_gptq_needs_a_calibration(tiny_llama, tmp_path):
     with pytest.raises(InputError, match="--calibration"):
         convert(tiny_llama, tmp_path / "x.gguf", "uniform", type="Q4_K", rounding="gptq", progress=False)
+
+
+def test_plans_keep_their_rounding_and_a_nearest_file_says_nearest(tiny_llama, calibration_file, tmp_path):
+    from ewq_gguf.plan import Plan
+
+    plan_path = tmp_path / "plan.json"
+    dry = convert(tiny_llama, tmp_path / "dry.gguf", "uniform", type="Q6_K", calibration=str(calibration_file),
+                  rounding="gptq", dry_run=True, plan_out=plan_path, progress=False)
+    assert dry.plan.by_name()["blk.1.ffn_down.weight"].rounding == "gptq"
+    reread = Plan.from_json(plan_path.read_text())
+    assert reread == dry.plan
+    nearest = convert(tiny_llama, tmp_path / "nearest.gguf", plan=plan_path, progress=False)
+    assert all(entry.rounding == "nearest" and not entry.rounding_note for entry in nearest.plan.entries)
+    assert "rounding" not in json.dumps(_recorded_plan(tmp_path / "nearest.gguf"))

@@ -89,3 +89,18 @@ def test_plans_keep_their_rounding_and_a_nearest_file_says_nearest(tiny_llama, c
     nearest = convert(tiny_llama, tmp_path / "nearest.gguf", plan=plan_path, progress=False)
     assert all(entry.rounding == "nearest" and not entry.rounding_note for entry in nearest.plan.entries)
     assert "rounding" not in json.dumps(_recorded_plan(tmp_path / "nearest.gguf"))
+
+
+def test_cli_rounding_gptq(tiny_llama, calibration_file, tmp_path):
+    from click.testing import CliRunner
+
+    from ewq_gguf.cli import main
+
+    out = tmp_path / "cli.gguf"
+    args = ["convert", str(tiny_llama), str(out), "--type", "Q8_0", "--rounding", "gptq", "--gptq-tokens", "64",
+            "--device", "cpu", "--quiet"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "--calibration" in refused.output
+    done = CliRunner().invoke(main, [*args, "--calibration", str(calibration_file)])
+    assert done.exit_code == 0, done.output
+    assert out.exists()

@@ -56,7 +56,8 @@ def test_gptq_file_loads_and_records_its_rounding(tiny_llama, calibration_file, 
     assert np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_NL"])
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                       "IQ4_NL", "IQ4_XS", "MXFP4"])
 def test_no_tensor_loses_to_nearest_on_its_output_error(tiny_llama, calibration_file, type_name):
     from ewq_gguf.api import make_plan
     from ewq_gguf.calibrate import Calibration

@@ -67,7 +67,7 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
             allow_pickle: bool = False, split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
             validate: bool = False, base: Optional[str | Path] = None, text: Optional[str | Path] = None,
             ollama_modelfile: bool = False, rounding: str = "nearest", gptq_tokens: Optional[int] = None,
-            **options: Any) -> ConvertResult:
+            gptq_sequential: bool = False, **options: Any) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder into a GGUF file at `out`.
 
     method and `options`: make_plan's, a planner's name and its options (`ewq-gguf convert --help` lists them):
@@ -82,14 +82,15 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
     validate: after writing, compare the file with `base` (default: an F16 conversion of the same checkpoint) on
     `text` through llama.cpp (result.validation). ollama_modelfile: write an Ollama Modelfile beside the GGUF.
     rounding: "nearest" (ggml's rounding) or "gptq" (error-compensating rounding in the same types, from the inputs
-    of each weight on the first `gptq_tokens` tokens of the calibration's text: needs `calibration`).
+    of each weight on the first `gptq_tokens` tokens of the calibration's text: needs `calibration`);
+    gptq_sequential: each block's inputs from the blocks before it as rounded, not from the unquantized model.
     """
     started = time.perf_counter()
     model = open_checkpoint(model_dir, allow_pickle=allow_pickle)
     result = convert_source(model, out, method, device=device, force=force, plan=plan, plan_out=plan_out,
                             dry_run=dry_run, progress=progress, split_max_size=split_max_size, imatrix=imatrix,
                             calibrate_from=model_dir, started=started, rounding=rounding, gptq_tokens=gptq_tokens,
-                            **options)
+                            gptq_sequential=gptq_sequential, **options)
     if dry_run or result.path is None:
         return result
     validation = validate_written(model_dir, result.path, base=base, text=text, allow_pickle=allow_pickle,
@@ -106,7 +107,8 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                    plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
                    split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
                    calibrate_from: Optional[str | Path] = None, started: Optional[float] = None,
-                   rounding: str = "nearest", gptq_tokens: Optional[int] = None, **options: Any) -> ConvertResult:
+                   rounding: str = "nearest", gptq_tokens: Optional[int] = None, gptq_sequential: bool = False,
+                   **options: Any) -> ConvertResult:
     """The one pipeline behind convert and export: plan an opened model (a checkpoint folder's or one in memory)
     and write it. calibrate_from: the checkpoint folder that methods taking a calibration calibrate on when no
     `calibration` is given."""
@@ -159,6 +161,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                 outcome = gptq_round(calibrate_from, model, decided, rounding_calibration,
                                      tokens=gptq_tokens or DEFAULT_GPTQ_TOKENS, device=resolve_device(device),
                                      importance=importance.vectors() if importance else None,
+                                     sequential=gptq_sequential,
                                      progress_bar=lambda items, **kw: progress_bar(items, enabled=progress, **kw))
             decided, encoded = outcome.plan, outcome.encoded
     if plan_out is not None:

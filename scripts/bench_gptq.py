@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--base", help="the F32 conversion of --model (default: made in --work)")
     parser.add_argument("--mixes", type=lambda text: text.split(","), default=["Q4_K_M"])
     parser.add_argument("--gptq-tokens", type=int, default=8192)
+    parser.add_argument("--sequential", action="store_true",
+                        help="also a GPTQ file whose blocks take the rounded blocks' outputs (--gptq-sequential)")
     parser.add_argument("--no-imatrix-too", action="store_true", help="also the plans without importance matrix")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=20, help="evaluation chunks of --ctx tokens")
@@ -113,11 +115,12 @@ def main() -> None:
             if not plan_path.exists():
                 convert(args.model, work / "unused.gguf", "optimal", calibration=calibration,
                         target_size=peer.stat().st_size, dry_run=True, plan_out=plan_path, progress=False, **options)
-            for rounding in ("nearest", "gptq"):
-                extra = {"calibration": args.calibration, "gptq_tokens": args.gptq_tokens} if rounding == "gptq" else {}
+            for rounding in ("nearest", "gptq", "gptq-sequential") if args.sequential else ("nearest", "gptq"):
+                extra = {"calibration": args.calibration, "gptq_tokens": args.gptq_tokens,
+                         "gptq_sequential": rounding == "gptq-sequential"} if rounding != "nearest" else {}
                 path = step(work / f"ours-{mix}-{suffix}-{rounding}.gguf",
-                            lambda out: convert(args.model, out, plan=plan_path, rounding=rounding, progress=False,
-                                                **options, **extra))
+                            lambda out: convert(args.model, out, plan=plan_path, rounding=rounding.partition("-")[0],
+                                                progress=False, **options, **extra))
                 rows.append((mix, "yes" if with_imatrix else "no", rounding, path))
 
     measured = scored(base, [row[3] for row in rows], Path(args.eval_text), args, work)
@@ -127,13 +130,13 @@ def main() -> None:
     for mix, imatrix, rounding, path in rows:
         report = measured[path.name]
         ratio = ""
-        if rounding == "gptq":
-            nearest = measured[path.name.replace("-gptq.", "-nearest.")]
+        if rounding.startswith("gptq"):
+            nearest = measured[path.name.replace(f"-{rounding}.", "-nearest.")]
             ratio = f"**{report.kld / nearest.kld:.3f}**"
             plan = recorded_plan(path)
             kept = sum(entry.rounding != "gptq" and entry.rounding_note != "" for entry in plan.entries)
             objective = plan.params.get("gptq_objective", {})
-            notes.append(f"{mix} size, imatrix {imatrix}: GPTQ on {sum(e.rounding == 'gptq' for e in plan.entries)} "
+            notes.append(f"{mix} size, imatrix {imatrix}, {rounding}: GPTQ on {sum(e.rounding == 'gptq' for e in plan.entries)} "
                          f"tensors, nearest kept on {kept}; output error tr((W-Q)H(W-Q)^T) summed over the rounded "
                          f"tensors {objective.get('ratio', float('nan')):.3f}x nearest's (median per tensor "
                          f"{objective.get('median_ratio', float('nan')):.3f}x)")

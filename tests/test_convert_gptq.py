@@ -105,3 +105,22 @@ def test_cli_rounding_gptq(tiny_llama, calibration_file, tmp_path):
     done = CliRunner().invoke(main, [*args, "--calibration", str(calibration_file)])
     assert done.exit_code == 0, done.output
     assert out.exists()
+
+
+def test_sequential_inputs_through_the_rounded_blocks(tiny_llama, calibration_file):
+    from ewq_gguf.api import make_plan
+    from ewq_gguf.calibrate import Calibration
+    from ewq_gguf.calibrate.gptq_pass import _row_order
+
+    model = open_checkpoint(tiny_llama)
+    order = _row_order(model, "blk.0.attn_q.weight", 256, 256)
+    assert order is not None and not torch.equal(order, torch.arange(256))    # llama's Q rows are permuted
+    assert torch.equal(_row_order(model, "blk.0.ffn_down.weight", 256, 512), torch.arange(256))
+    plan = make_plan(model, "uniform", type="Q4_K", progress=False)
+    calibration = Calibration.load(calibration_file)
+    plain = gptq_round(tiny_llama, model, plan, calibration, tokens=128)
+    sequential = gptq_round(tiny_llama, model, plan, calibration, tokens=128, sequential=True)
+    # block 0 sees the same inputs either way; block 1 sees those of the rounded block 0
+    assert np.array_equal(plain.encoded["blk.0.ffn_up.weight"], sequential.encoded["blk.0.ffn_up.weight"])
+    assert not np.array_equal(plain.encoded["blk.1.ffn_up.weight"], sequential.encoded["blk.1.ffn_up.weight"])
+    assert sequential.plan.params["gptq_sequential"] is True

@@ -68,10 +68,11 @@ def _marked(entry, rounding: str, note: str):
 def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibration: Calibration, *,
                tokens: int = DEFAULT_GPTQ_TOKENS, device: torch.device = torch.device("cpu"),
                importance: Optional[dict[str, torch.Tensor]] = None, progress_bar: Callable = lambda items, **_: items,
-               damp: float = 0.01) -> GptqOutcome:
+               damp: float = 0.01, sequential: bool = False) -> GptqOutcome:
     """Round every 2-D weight of `plan` that a decoder block's linear layer reads with GPTQ, on the first `tokens`
     tokens of the calibration's text (in chunks of its ctx). importance: the vectors the file is quantized with
-    (--imatrix): the scale search's weights; without, diag(H)."""
+    (--imatrix): the scale search's weights; without, diag(H). sequential: each block's inputs come from the blocks
+    before it with their weights rounded (as the file computes), rather than from the unquantized model."""
     from ..text import load_text
 
     importance = importance or {}
@@ -92,19 +93,23 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
         with model.block(block) as layer, torch.no_grad():
             hessians = _Hessians(model, source, layer, planned)
             with hessians.hooks():
-                for index, state in enumerate(hidden):
-                    hidden[index] = model.run_block(layer, block, state)
-        for name, hessian in hessians.matrices().items():
-            entry = planned[name]
-            weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
-            vector = importance.get(name)
-            with _one_thread(device):
-                result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
-                                       None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
-            encoded[name] = result.data.cpu().numpy()
-            objectives[name] = (result.objective_gptq, result.objective_nearest)
-            rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
-            del weight
+                outputs = [model.run_block(layer, block, state) for state in hidden]
+            for name, hessian in hessians.matrices().items():
+                entry = planned[name]
+                weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
+                vector = importance.get(name)
+                with _one_thread(device):
+                    result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
+                                           None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
+                encoded[name] = result.data.cpu().numpy()
+                objectives[name] = (result.objective_gptq, result.objective_nearest)
+                rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
+                del weight
+            if sequential:
+                # the next block's inputs: this block's outputs with its weights as the file will hold them
+                if _load_rounded(layer, hessians, source, planned, encoded):
+                    outputs = [model.run_block(layer, block, state) for state in hidden]
+            hidden = outputs
         del hessians
     entries = []
     for entry in plan.entries:
@@ -112,9 +117,51 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
             entries.append(_marked(entry, *rounding[entry.name]))
         else:
             entries.append(_marked(entry, "nearest", _ineligible_note(entry)))
-    params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()),
+    params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()), gptq_sequential=sequential,
                   gptq_objective=objective_summary(objectives))
     return GptqOutcome(Plan(plan.method, params, entries, plan.blocks), encoded, objectives)
+
+
+def _load_rounded(layer: torch.nn.Module, hessians: "_Hessians", source: SourceModel, planned: dict,
+                  encoded: dict[str, np.ndarray]) -> bool:
+    """Put the dequantized rounded weights into the block's linear layers, in the model's layout; True if any was.
+
+    A GGUF weight is the module's weight with its rows permuted (llama's Q/K) or as it is; where the adapter does
+    more (folded scales) or one GGUF weight fuses several modules, the layer keeps its float weight."""
+    from ..quant import dequantize
+
+    changed = False
+    for module, names in hessians.targets:
+        if len(names) != 1 or names[0] not in encoded:
+            continue
+        entry = planned[names[0]]
+        rows, columns = module.weight.shape
+        if (rows, columns) != tuple(entry.shape):
+            continue
+        order = _row_order(source, names[0], rows, columns)
+        if order is None:
+            continue
+        values = dequantize(torch.from_numpy(encoded[names[0]]), entry.type, columns)
+        restored = torch.empty_like(values)
+        restored[order] = values            # GGUF row i is the module's row order[i]
+        module.weight.data.copy_(restored.to(module.weight.device, module.weight.dtype))
+        changed = True
+    return changed
+
+
+def _row_order(source: SourceModel, name: str, rows: int, columns: int) -> Optional[torch.Tensor]:
+    """Which module row each GGUF row of `name` is, when the adapter only permutes rows (else None)."""
+    probe = torch.arange(rows, dtype=torch.float64)[:, None].expand(rows, columns).contiguous()
+    try:
+        moved = source.adapter.transform(name, probe)
+    except Exception:  # an adapter that cannot take the probe: no sequential inputs through this weight
+        return None
+    if tuple(moved.shape) != (rows, columns) or not bool((moved == moved[:, :1]).all()):
+        return None
+    order = moved[:, 0].round().to(torch.int64)
+    if not bool((moved[:, 0] == order).all()) or not torch.equal(order.sort().values, torch.arange(rows)):
+        return None
+    return order
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -134,10 +135,12 @@ def main() -> None:
             nearest = measured[path.name.replace(f"-{rounding}.", "-nearest.")]
             ratio = f"**{report.kld / nearest.kld:.3f}**"
             plan = recorded_plan(path)
-            kept = sum(entry.rounding != "gptq" and entry.rounding_note != "" for entry in plan.entries)
+            kept = Counter(entry.rounding_note for entry in plan.entries
+                           if entry.rounding != "gptq" and entry.rounding_note != "")
             objective = plan.params.get("gptq_objective", {})
             notes.append(f"{mix} size, imatrix {imatrix}, {rounding}: GPTQ on {sum(e.rounding == 'gptq' for e in plan.entries)} "
-                         f"tensors, nearest kept on {kept}; output error tr((W-Q)H(W-Q)^T) summed over the rounded "
+                         f"tensors, nearest kept on {sum(kept.values())} "
+                         f"({', '.join(f'{count}: {note}' for note, count in kept.items())}); output error tr((W-Q)H(W-Q)^T) summed over the rounded "
                          f"tensors {objective.get('ratio', float('nan')):.3f}x nearest's (median per tensor "
                          f"{objective.get('median_ratio', float('nan')):.3f}x)")
         lines.append(f"| {mix} | {imatrix} | {rounding} | {report.bytes:,} | {report.bpw:.3f} | {report.kld:.5f} | "
@@ -148,7 +151,10 @@ def main() -> None:
         f"({calibration.sensitivity_method} sensitivities), GPTQ inputs from its first {args.gptq_tokens} tokens; "
         f"evaluation: {args.chunks} x {args.ctx} tokens of {Path(args.eval_text).name} (not in the calibration "
         "text); KLD against the F32 conversion. Ours: one `--method optimal --target-size <llama.cpp file's bytes>` "
-        "plan per row pair, written with `--rounding nearest` and `--rounding gptq` (same types, same bytes).",
+        "plan per mix, written with `--rounding nearest` and `--rounding gptq` (same types, so the same tensor data; "
+        "the files differ in size only by the plan their metadata records); *gptq-sequential* adds "
+        "`--gptq-sequential` (each block's inputs through the rounded blocks before it). Both roundings use the "
+        "calibration's importance matrix (`--imatrix`). Wall times are not given: the machine was shared.",
         "",
         *lines,
         "",

@@ -7,8 +7,10 @@ with those matrices before the next block is read. Memory: one block, its H matr
 bytes rounded so far (the quantized size of the blocks done). Every block sees the outputs of the unquantized blocks
 before it.
 
-Tensors without inputs here keep ggml's rounding, each with its reason in the plan: the token embedding (a table,
-no product), the output head (its inputs are not collected yet), stacked expert tensors and float types.
+An untied output head is rounded last, with X^T X of the final norm's outputs (the last block's outputs through the
+model's own final norm; the logits are not computed). Tensors without inputs here keep ggml's rounding, each with
+its reason in the plan: the token embedding (a table, no product; a tied head is that table), stacked expert
+tensors and float types.
 """
 from __future__ import annotations
 
@@ -20,17 +22,18 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..constants import OUTPUT_HEAD
 from ..errors import InputError
 from ..plan import Plan
 from ..quant.gptq import GPTQ_TYPES, gptq_quantize
 from ..source.model import SourceModel
 from .calibration import Calibration
 from .runner import calibration_tokens
-from .stream import StreamedModel
+from .stream import StopForward, StreamedModel
 
 DEFAULT_GPTQ_TOKENS = 8192
 
-NOTE_NO_INPUTS = "no inputs collected (embedding, output head)"
+NOTE_NO_INPUTS = "no inputs collected (token embedding, tied output head)"
 NOTE_EXPERTS = "expert tensors not yet rounded by GPTQ"
 NOTE_NO_BETTER = "GPTQ no better on its objective"
 
@@ -111,6 +114,19 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
                     outputs = [model.run_block(layer, block, state) for state in hidden]
             hidden = outputs
         del hessians
+    head = _head_hessian(model, chunks, hidden, planned)
+    if head is not None:
+        name, hessian = head
+        entry = planned[name]
+        weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
+        vector = importance.get(name)
+        with _one_thread(device):
+            result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
+                                   None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
+        encoded[name] = result.data.cpu().numpy()
+        objectives[name] = (result.objective_gptq, result.objective_nearest)
+        rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
+        del weight
     entries = []
     for entry in plan.entries:
         if entry.name in rounding:
@@ -120,6 +136,34 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
     params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()), gptq_sequential=sequential,
                   gptq_objective=objective_summary(objectives))
     return GptqOutcome(Plan(plan.method, params, entries, plan.blocks), encoded, objectives)
+
+
+def _head_hessian(model: StreamedModel, chunks: torch.Tensor, hidden: list[torch.Tensor],
+                  planned: dict) -> Optional[tuple[str, torch.Tensor]]:
+    """X^T X of the output head's inputs (the last hidden states after the final norm), for an untied head that the
+    plan rounds; None otherwise (a tied head is the token embedding, whose rows are also looked up)."""
+    if model.tied or OUTPUT_HEAD not in planned:
+        return None
+    total: Optional[torch.Tensor] = None
+
+    def take_input(module, args):
+        nonlocal total
+        flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        product = (flat.t() @ flat).double()
+        total = product if total is None else total + product
+        raise StopForward   # the logits themselves are not needed
+
+    handle = model.head.register_forward_pre_hook(take_input)
+    try:
+        with torch.no_grad():
+            for index, last in enumerate(hidden):
+                try:
+                    model.logits(chunks[index:index + 1], last)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return None if total is None else (OUTPUT_HEAD, total)
 
 
 def _load_rounded(layer: torch.nn.Module, hessians: "_Hessians", source: SourceModel, planned: dict,

@@ -138,7 +138,7 @@ def ewq_settings(*names: str) -> Callable[[], list[click.Option]]:
                    "or gptq (error-compensating rounding that minimises each weight's output error on the "
                    "calibration text's inputs; needs --calibration; the file stays in the same types).")
 @click.option("--gptq-tokens", type=int, default=None,
-              help="--rounding gptq: calibration tokens the inputs are collected over [default: 8192, at most the "
+              help="--rounding gptq: calibration tokens the inputs are collected over [default: 32768, at most the "
                    "calibration's].")
 @click.option("--gptq-sequential", is_flag=True,
               help="--rounding gptq: each block's inputs come from the blocks before it with their weights rounded "

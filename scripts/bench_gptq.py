@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--eval-text", required=True, help="evaluation text, outside the calibration text")
     parser.add_argument("--base", help="the F32 conversion of --model (default: made in --work)")
     parser.add_argument("--mixes", type=lambda text: text.split(","), default=["Q4_K_M"])
-    parser.add_argument("--gptq-tokens", type=int, default=8192)
+    parser.add_argument("--gptq-tokens", type=int, default=32768)
     parser.add_argument("--sequential", action="store_true",
                         help="also a GPTQ file whose blocks take the rounded blocks' outputs (--gptq-sequential)")
     parser.add_argument("--no-imatrix-too", action="store_true", help="also the plans without importance matrix")

@@ -32,6 +32,7 @@ from results_file import shown_arguments, update_section  # noqa: E402
 from ewq_gguf import llamacpp  # noqa: E402
 from ewq_gguf.api import convert  # noqa: E402
 from ewq_gguf.calibrate import Calibration  # noqa: E402
+from ewq_gguf.calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS  # noqa: E402
 from ewq_gguf.devenv import dev_model  # noqa: E402
 from ewq_gguf.plan.plan import Plan  # noqa: E402
 from ewq_gguf.validate import CompareReport, compare  # noqa: E402
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--eval-text", required=True, help="evaluation text, outside the calibration text")
     parser.add_argument("--base", help="the F32 conversion of --model (default: made in --work)")
     parser.add_argument("--mixes", type=lambda text: text.split(","), default=["Q4_K_M"])
-    parser.add_argument("--gptq-tokens", type=int, default=32768)
+    parser.add_argument("--gptq-tokens", type=int, default=DEFAULT_GPTQ_TOKENS)
     parser.add_argument("--sequential", action="store_true",
                         help="also a GPTQ file whose blocks take the rounded blocks' outputs (--gptq-sequential)")
     parser.add_argument("--no-imatrix-too", action="store_true", help="also the plans without importance matrix")
@@ -162,7 +163,9 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        update_section(RESULTS, f"{TITLE}: {model_name}", body,
+        title = f"{TITLE}: {model_name}" + ("" if args.gptq_tokens == DEFAULT_GPTQ_TOKENS else
+                                             f", {args.gptq_tokens} GPTQ tokens")
+        update_section(RESULTS, title, body,
                        "python scripts/bench_gptq.py " + shown_arguments(sys.argv[1:]))
 
 

@@ -23,6 +23,9 @@ from .timing import StageTimes
 from .write import check_output, parse_size, write_gguf
 
 
+ROUNDINGS = ("nearest", "gptq")
+
+
 @dataclass(frozen=True)
 class ConvertResult:
     """What convert wrote (or, for a dry run, would write)."""
@@ -63,7 +66,8 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
             plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
             allow_pickle: bool = False, split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
             validate: bool = False, base: Optional[str | Path] = None, text: Optional[str | Path] = None,
-            ollama_modelfile: bool = False, **options: Any) -> ConvertResult:
+            ollama_modelfile: bool = False, rounding: str = "nearest", gptq_tokens: Optional[int] = None,
+            gptq_sequential: bool = False, **options: Any) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder into a GGUF file at `out`.
 
     method and `options`: make_plan's, a planner's name and its options (`ewq-gguf convert --help` lists them):
@@ -77,12 +81,16 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
     (lim, optimal) calibrate on the default text first when no `calibration` is given.
     validate: after writing, compare the file with `base` (default: an F16 conversion of the same checkpoint) on
     `text` through llama.cpp (result.validation). ollama_modelfile: write an Ollama Modelfile beside the GGUF.
+    rounding: "nearest" (ggml's rounding) or "gptq" (error-compensating rounding in the same types, from the inputs
+    of each weight on the first `gptq_tokens` tokens of the calibration's text: needs `calibration`);
+    gptq_sequential: each block's inputs from the blocks before it as rounded, not from the unquantized model.
     """
     started = time.perf_counter()
     model = open_checkpoint(model_dir, allow_pickle=allow_pickle)
     result = convert_source(model, out, method, device=device, force=force, plan=plan, plan_out=plan_out,
                             dry_run=dry_run, progress=progress, split_max_size=split_max_size, imatrix=imatrix,
-                            calibrate_from=model_dir, started=started, **options)
+                            calibrate_from=model_dir, started=started, rounding=rounding, gptq_tokens=gptq_tokens,
+                            gptq_sequential=gptq_sequential, **options)
     if dry_run or result.path is None:
         return result
     validation = validate_written(model_dir, result.path, base=base, text=text, allow_pickle=allow_pickle,
@@ -99,6 +107,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                    plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
                    split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
                    calibrate_from: Optional[str | Path] = None, started: Optional[float] = None,
+                   rounding: str = "nearest", gptq_tokens: Optional[int] = None, gptq_sequential: bool = False,
                    **options: Any) -> ConvertResult:
     """The one pipeline behind convert and export: plan an opened model (a checkpoint folder's or one in memory)
     and write it. calibrate_from: the checkpoint folder that methods taking a calibration calibrate on when no
@@ -110,7 +119,21 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
     if not dry_run:
         check_output(out, force)
     importance = load_importance(imatrix, model) if imatrix is not None else None
+    if rounding not in ROUNDINGS:
+        raise InputError(f"unknown rounding '{rounding}' (one of {', '.join(ROUNDINGS)})")
     planner = planner_for(method, options) if plan is None else None
+    rounding_calibration = None
+    if rounding == "gptq":
+        if calibrate_from is None:
+            raise InputError("--rounding gptq reads the checkpoint block by block: convert a saved checkpoint folder")
+        rounding_calibration = options.get("calibration")
+        if rounding_calibration is None:
+            raise InputError("--rounding gptq needs --calibration (a calibration JSON from `ewq-gguf calibrate`)")
+        if planner is None or not planner.takes("calibration"):
+            options.pop("calibration")  # given for the rounding only
+        if not isinstance(rounding_calibration, Calibration):
+            rounding_calibration = Calibration.load(rounding_calibration)
+        rounding_calibration.check_matches(model)
     if planner is not None and planner.takes("calibration") and options.get("calibration") is None:
         if calibrate_from is None:
             raise InputError(f"method {planner.name} on a model in memory needs calibration= (a Calibration, or the "
@@ -122,6 +145,25 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
     with times.measure("plan"):
         decided = make_plan(model, method, plan=plan, importance=importance, device=device, progress=progress,
                             **options)
+    encoded = None
+    if rounding == "nearest" and any(entry.rounding != "nearest" or entry.rounding_note for entry in decided.entries):
+        # a reused plan of a GPTQ file: this file is rounded to nearest, and its plan must say so
+        decided = dataclasses.replace(decided, entries=[dataclasses.replace(entry, rounding="nearest", rounding_note="")
+                                                        for entry in decided.entries])
+    if rounding == "gptq":
+        from .calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS, gptq_round, planned_rounding
+        from .progress import progress_bar
+
+        if dry_run:
+            decided = planned_rounding(decided)
+        else:
+            with times.measure("gptq"):
+                outcome = gptq_round(calibrate_from, model, decided, rounding_calibration,
+                                     tokens=gptq_tokens or DEFAULT_GPTQ_TOKENS, device=resolve_device(device),
+                                     importance=importance.vectors() if importance else None,
+                                     sequential=gptq_sequential,
+                                     progress_bar=lambda items, **kw: progress_bar(items, enabled=progress, **kw))
+            decided, encoded = outcome.plan, outcome.encoded
     if plan_out is not None:
         decided.save(plan_out)
     if dry_run:
@@ -129,7 +171,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                              time.perf_counter() - started, times)
     written = write_gguf(model, decided, out, force=force, device=resolve_device(device), progress=progress,
                          split_max_size=split_bytes, importance=importance.vectors() if importance else None,
-                         times=times)
+                         times=times, encoded=encoded)
     return ConvertResult(written.path, written.bytes, decided.bits_per_weight, decided, time.perf_counter() - started,
                          times)
 

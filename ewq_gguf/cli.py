@@ -133,11 +133,22 @@ def ewq_settings(*names: str) -> Callable[[], list[click.Option]]:
 @click.option("--text", "eval_text", type=click.Path(dir_okay=False),
               help="--validate: evaluation text (default: real text found on this machine).")
 @click.option("--ollama-modelfile", is_flag=True, help="Write an Ollama Modelfile beside OUT.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="How codes are chosen in each type: nearest (ggml's rounding, byte-identical to llama-quantize) "
+                   "or gptq (error-compensating rounding that minimises each weight's output error on the "
+                   "calibration text's inputs; needs --calibration; the file stays in the same types).")
+@click.option("--gptq-tokens", type=int, default=None,
+              help="--rounding gptq: calibration tokens the inputs are collected over [default: 32768, at most the "
+                   "calibration's].")
+@click.option("--gptq-sequential", is_flag=True,
+              help="--rounding gptq: each block's inputs come from the blocks before it with their weights rounded "
+                   "(as the file computes) instead of from the unquantized model.")
 @reports_errors
 def convert(model_dir: str, out: str, imatrix_file: str | None, device: str, plan_file: str | None,
             plan_out: str | None, dry_run: bool, force: bool, split_max_size: str | None, allow_pickle: bool,
             quiet: bool, validate: bool, base_file: str | None, eval_text: str | None, ollama_modelfile: bool,
-            method: str | None, **planner_options: Any) -> None:
+            rounding: str, gptq_tokens: int | None, gptq_sequential: bool, method: str | None,
+            **planner_options: Any) -> None:
     """Convert the checkpoint in MODEL_DIR to the GGUF file OUT."""
     from .api import convert as convert_api
     from .plan.display import format_plan
@@ -145,8 +156,8 @@ def convert(model_dir: str, out: str, imatrix_file: str | None, device: str, pla
     result = convert_api(model_dir, out, method, device=device, force=force, plan=plan_file,
                          validate=validate, base=base_file, text=eval_text, ollama_modelfile=ollama_modelfile,
                          plan_out=plan_out, dry_run=dry_run, progress=not quiet, allow_pickle=allow_pickle,
-                         split_max_size=split_max_size, imatrix=imatrix_file,
-                         **{name: value for name, value in planner_options.items() if value is not None})
+                         split_max_size=split_max_size, imatrix=imatrix_file, rounding=rounding,
+                         gptq_tokens=gptq_tokens, gptq_sequential=gptq_sequential, **{name: value for name, value in planner_options.items() if value is not None})
     if not quiet or dry_run:
         click.echo(format_plan(result.plan))
     if dry_run:

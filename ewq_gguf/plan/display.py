@@ -29,7 +29,20 @@ def format_plan_summary(plan: Plan) -> str:
         if plan.params.get("predicted_kld_90"):
             low, high = plan.params["predicted_kld_90"]
             line += f" (90% over calibration sequences: {low:.4g}..{high:.4g})"
+    rounding = _rounding(plan)
+    if rounding:
+        line += f"; {rounding}"
     return line
+
+
+def _rounding(plan: Plan) -> str:
+    """With GPTQ rounding: how many tensors got it and how many kept nearest rounding, and why (empty otherwise)."""
+    if all(entry.rounding == "nearest" and not entry.rounding_note for entry in plan.entries):
+        return ""
+    gptq = sum(entry.rounding == "gptq" for entry in plan.entries)
+    kept = Counter(entry.rounding_note for entry in plan.entries if entry.rounding != "gptq" and entry.rounding_note)
+    parts = ", ".join(f"{count} {note}" for note, count in sorted(kept.items(), key=lambda item: -item[1]))
+    return f"GPTQ rounding on {gptq} tensors" + (f", nearest kept on {sum(kept.values())} ({parts})" if kept else "")
 
 
 def _blocks_table(plan: Plan) -> str:

@@ -25,6 +25,13 @@ PLAN_FORMAT = 1
 _REGEX_SPECIAL = re.compile(r"[\\^$.|?*+()\[\]{}]")
 
 
+# The recipe's header comment for a file written with --rounding gptq. llama-quantize's --tensor-type-file has no
+# comment syntax (it reads whitespace-separated `pattern=type` words), so the comment is such a word: a pattern
+# with '#' in it, which no tensor name contains, so it never matches anything.
+GPTQ_RECIPE_HEADER = ("#ewq-gguf:the_file_used_GPTQ_rounding,which_llama-quantize_cannot_reproduce:"
+                      "it_applies_these_types_with_its_own_nearest_rounding=f32")
+
+
 def recipe_pattern(name: str) -> str:
     """A --tensor-type-file pattern that matches the tensor `name` and no other: escaped and anchored at both ends.
 
@@ -42,6 +49,10 @@ class PlanEntry:
     block: Optional[int] = None
     reason: str = ""
     predicted_kld: Optional[float] = None     # optimal plans: alpha x t2, the predicted KL increase (nats/token)
+    # how the codes were chosen: "nearest" (ggml's rounding) or "gptq" (error-compensating, see quant/gptq.py);
+    # rounding_note says why a tensor of a --rounding gptq file kept nearest rounding
+    rounding: str = "nearest"
+    rounding_note: str = ""
 
     @property
     def numel(self) -> int:
@@ -60,6 +71,9 @@ class PlanEntry:
                 "type": self.type.name, "nbytes": self.nbytes, "block": self.block, "reason": self.reason}
         if self.predicted_kld is not None:
             data["predicted_kld"] = self.predicted_kld
+        if self.rounding != "nearest" or self.rounding_note:
+            data["rounding"] = self.rounding
+            data["rounding_note"] = self.rounding_note
         return data
 
     @classmethod
@@ -71,7 +85,8 @@ class PlanEntry:
                 raise ValueError(f"tensor '{data['name']}': unknown type {name!r}")
             types.append(QType[name])
         return cls(data["name"], tuple(data["shape"]), *types, data["nbytes"], data.get("block"),
-                   data.get("reason", ""), data.get("predicted_kld"))
+                   data.get("reason", ""), data.get("predicted_kld"), data.get("rounding", "nearest"),
+                   data.get("rounding_note", ""))
 
 
 @dataclass(frozen=True)
@@ -140,4 +155,6 @@ class Plan:
         applies the file only then). 1-D tensors are left out: llama-quantize never converts them."""
         lines = [f"{recipe_pattern(entry.name)}={entry.type.name.lower()}" for entry in self.entries
                  if len(entry.shape) >= 2]
+        if any(entry.rounding != "nearest" for entry in self.entries):
+            lines.insert(0, GPTQ_RECIPE_HEADER)
         return "\n".join(lines) + "\n"

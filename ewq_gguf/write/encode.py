@@ -49,8 +49,10 @@ def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.d
 
 
 def encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
-                     importance: dict[str, torch.Tensor], times: StageTimes) -> Iterator[np.ndarray]:
-    """Encoded tensors in plan order, produced one ahead on a background thread.
+                     importance: dict[str, torch.Tensor], times: StageTimes,
+                     encoded_before: Optional[dict[str, np.ndarray]] = None) -> Iterator[np.ndarray]:
+    """Encoded tensors in plan order, produced one ahead on a background thread; those in encoded_before (already
+    encoded, e.g. by GPTQ rounding) are taken from there.
 
     At most three encoded tensors exist at once (being written, queued, just made) and one source tensor.
     """
@@ -66,6 +68,9 @@ def encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
             for entry in plan.entries:
                 if stop.is_set():
                     return
+                if encoded_before and entry.name in encoded_before:
+                    results.put(encoded_before[entry.name])
+                    continue
                 with times.measure("read"):
                     tensor = model.load(model.by_name[entry.name])
                 if tuple(tensor.shape) != entry.shape:

@@ -144,11 +144,12 @@ class _PartsWriter(gguf.GGUFWriter):
 def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool = False,
                device: torch.device = torch.device("cpu"), importance: Optional[dict[str, torch.Tensor]] = None,
                progress: bool = True, split_max_size: Optional[int | str] = None,
-               times: Optional[StageTimes] = None) -> WrittenFile:
+               times: Optional[StageTimes] = None, encoded: Optional[dict[str, np.ndarray]] = None) -> WrittenFile:
     """Write `model` as `plan` says to `out`; returns where the finished file (or files) lie and their size.
 
     split_max_size: tensor bytes per file (int, or text like '2G'); above it the output is split into llama.cpp's
     OUT-00001-of-0000N.gguf parts, which llama.cpp loads from the first. A model that fits stays one file, OUT.
+    encoded: tensors already encoded (name -> (rows, row bytes) uint8, e.g. GPTQ-rounded), written as they are.
     """
     out = Path(out)
     check_output(out, force)
@@ -162,7 +163,8 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     times = StageTimes() if times is None else times
     with SignalGuard().active() as signals:
         try:
-            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals, times)
+            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals, times,
+                    encoded or {})
             with times.measure("verify"):
                 verify(temps, plan)
             signals.check()
@@ -179,7 +181,8 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
 
 
 def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, device: torch.device,
-            importance: dict[str, torch.Tensor], progress: bool, signals: SignalGuard, times: StageTimes) -> None:
+            importance: dict[str, torch.Tensor], progress: bool, signals: SignalGuard, times: StageTimes,
+            encoded_before: dict[str, np.ndarray]) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -190,7 +193,7 @@ def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, 
                           f"{free / 1e9:.2f} GB free")
     bar = progress_bar(total=plan.tensor_bytes, desc="writing", unit="B", unit_scale=True, enabled=progress)
     # closing: on any exit the generator's background thread is stopped before the temporaries are removed
-    with bar, closing(encoded_tensors(model, plan, device, importance, times)) as encoded:
+    with bar, closing(encoded_tensors(model, plan, device, importance, times, encoded_before)) as encoded:
         for tensor_bytes in encoded:
             signals.check()
             with times.measure("write"):

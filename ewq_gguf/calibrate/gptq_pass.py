@@ -1,0 +1,289 @@
+"""GPTQ rounding of a planned model: the inputs' second moments H = X^T X block by block, then quant/gptq.py.
+
+One forward over the calibration tokens, block by block as the calibration's own passes run (stream.py): block i is
+read from the checkpoint, hooks on its linear layers add X^T X of their inputs over every chunk (one matrix per
+input: q/k/v, or gate/up, share theirs), the chunks' hidden states go through it, and its planned weights are rounded
+with those matrices before the next block is read. Memory: one block, its H matrices, the hidden states, and the
+bytes rounded so far (the quantized size of the blocks done). Every block sees the outputs of the unquantized blocks
+before it.
+
+An untied output head is rounded last, with X^T X of the final norm's outputs (the last block's outputs through the
+model's own final norm; the logits are not computed). Tensors without inputs here keep ggml's rounding, each with
+its reason in the plan: the token embedding (a table, no product; a tied head is that table), stacked expert
+tensors and float types.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..constants import DEFAULT_CALIBRATION_TOKENS, OUTPUT_HEAD
+from ..errors import InputError
+from ..plan import Plan
+from ..quant.gptq import GPTQ_TYPES, gptq_quantize
+from ..source.model import SourceModel
+from .calibration import Calibration
+from .runner import calibration_tokens
+from .stream import StopForward, StreamedModel
+
+# every token of a default calibration: on SmolLM2 at Q4_K_M size, 32768 tokens gave 0.60x nearest rounding's KLD
+# where 8192 gave 0.76x (docs/results.md)
+DEFAULT_GPTQ_TOKENS = DEFAULT_CALIBRATION_TOKENS
+
+NOTE_NO_INPUTS = "no inputs collected (token embedding, tied output head)"
+NOTE_EXPERTS = "expert tensors not yet rounded by GPTQ"
+NOTE_NO_BETTER = "GPTQ no better on its objective"
+
+
+@dataclasses.dataclass
+class GptqOutcome:
+    """The plan with each entry's rounding, the bytes of the tensors GPTQ rounded (or kept nearest after trying),
+    and per tensor the objective tr((W-Q) H (W-Q)^T) of both roundings."""
+
+    plan: Plan
+    encoded: dict[str, np.ndarray]
+    objectives: dict[str, tuple[float, float]]   # name -> (gptq, nearest)
+
+
+def planned_rounding(plan: Plan) -> Plan:
+    """The plan as --rounding gptq would round it, without measuring (dry runs): 'gptq' where it applies."""
+    return Plan(plan.method, plan.params, [_marked(entry, "gptq" if _eligible(entry) else "nearest",
+                                                   _ineligible_note(entry)) for entry in plan.entries], plan.blocks)
+
+
+def _eligible(entry) -> bool:
+    return entry.type in GPTQ_TYPES and len(entry.shape) == 2
+
+
+def _ineligible_note(entry) -> str:
+    if entry.type not in GPTQ_TYPES:
+        return ""   # float types: nothing is rounded
+    return NOTE_EXPERTS if len(entry.shape) != 2 else NOTE_NO_INPUTS
+
+
+def _marked(entry, rounding: str, note: str):
+    return dataclasses.replace(entry, rounding=rounding, rounding_note=note)
+
+
+def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibration: Calibration, *,
+               tokens: int = DEFAULT_GPTQ_TOKENS, device: torch.device = torch.device("cpu"),
+               importance: Optional[dict[str, torch.Tensor]] = None, progress_bar: Callable = lambda items, **_: items,
+               damp: float = 0.01, sequential: bool = False) -> GptqOutcome:
+    """Round every 2-D weight of `plan` that a decoder block's linear layer reads with GPTQ, on the first `tokens`
+    tokens of the calibration's text (in chunks of its ctx). importance: the vectors the file is quantized with
+    (--imatrix): the scale search's weights; without, diag(H). sequential: each block's inputs come from the blocks
+    before it with their weights rounded (as the file computes), rather than from the unquantized model."""
+    from ..text import load_text
+
+    importance = importance or {}
+    text = load_text(calibration.text)
+    if text.sha256 != calibration.text_sha256:
+        raise InputError(f"the calibration's text {calibration.text} changed since it was calibrated; GPTQ rounding "
+                         "needs the same text")
+    model = StreamedModel(model_dir, device, torch.float32)
+    chunks = calibration_tokens(model.tokenizer, text.content, min(tokens, calibration.tokens), calibration.ctx)
+    model.record_layer_arguments(chunks[:1])
+    planned = {entry.name: entry for entry in plan.entries if _eligible(entry)}
+    with torch.no_grad():
+        hidden = [model.embed(chunks[index:index + 1]) for index in range(chunks.shape[0])]
+    encoded: dict[str, np.ndarray] = {}
+    objectives: dict[str, tuple[float, float]] = {}
+    rounding: dict[str, tuple[str, str]] = {}
+    for block in progress_bar(range(model.n_blocks), desc="GPTQ blocks", unit="block"):
+        with model.block(block) as layer, torch.no_grad():
+            hessians = _Hessians(model, source, layer, planned)
+            with hessians.hooks():
+                outputs = [model.run_block(layer, block, state) for state in hidden]
+            for name, hessian in hessians.matrices().items():
+                entry = planned[name]
+                weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
+                vector = importance.get(name)
+                with _one_thread(device):
+                    result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
+                                           None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
+                encoded[name] = result.data.cpu().numpy()
+                objectives[name] = (result.objective_gptq, result.objective_nearest)
+                rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
+                del weight
+            if sequential:
+                # the next block's inputs: this block's outputs with its weights as the file will hold them
+                if _load_rounded(layer, hessians, source, planned, encoded):
+                    outputs = [model.run_block(layer, block, state) for state in hidden]
+            hidden = outputs
+        del hessians
+    head = _head_hessian(model, chunks, hidden, planned)
+    if head is not None:
+        name, hessian = head
+        entry = planned[name]
+        weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
+        vector = importance.get(name)
+        with _one_thread(device):
+            result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
+                                   None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
+        encoded[name] = result.data.cpu().numpy()
+        objectives[name] = (result.objective_gptq, result.objective_nearest)
+        rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
+        del weight
+    entries = []
+    for entry in plan.entries:
+        if entry.name in rounding:
+            entries.append(_marked(entry, *rounding[entry.name]))
+        else:
+            entries.append(_marked(entry, "nearest", _ineligible_note(entry)))
+    params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()), gptq_sequential=sequential,
+                  gptq_objective=objective_summary(objectives))
+    return GptqOutcome(Plan(plan.method, params, entries, plan.blocks), encoded, objectives)
+
+
+def _head_hessian(model: StreamedModel, chunks: torch.Tensor, hidden: list[torch.Tensor],
+                  planned: dict) -> Optional[tuple[str, torch.Tensor]]:
+    """X^T X of the output head's inputs (the last hidden states after the final norm), for an untied head that the
+    plan rounds; None otherwise (a tied head is the token embedding, whose rows are also looked up)."""
+    if model.tied or OUTPUT_HEAD not in planned:
+        return None
+    total: Optional[torch.Tensor] = None
+
+    def take_input(module, args):
+        nonlocal total
+        flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        product = (flat.t() @ flat).double()
+        total = product if total is None else total + product
+        raise StopForward   # the logits themselves are not needed
+
+    handle = model.head.register_forward_pre_hook(take_input)
+    try:
+        with torch.no_grad():
+            for index, last in enumerate(hidden):
+                try:
+                    model.logits(chunks[index:index + 1], last)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return None if total is None else (OUTPUT_HEAD, total)
+
+
+def _load_rounded(layer: torch.nn.Module, hessians: "_Hessians", source: SourceModel, planned: dict,
+                  encoded: dict[str, np.ndarray]) -> bool:
+    """Put the dequantized rounded weights into the block's linear layers, in the model's layout; True if any was.
+
+    A GGUF weight is the module's weight with its rows permuted (llama's Q/K) or as it is; where the adapter does
+    more (folded scales) or one GGUF weight fuses several modules, the layer keeps its float weight."""
+    from ..quant import dequantize
+
+    changed = False
+    for module, names in hessians.targets:
+        if len(names) != 1 or names[0] not in encoded:
+            continue
+        entry = planned[names[0]]
+        rows, columns = module.weight.shape
+        if (rows, columns) != tuple(entry.shape):
+            continue
+        order = _row_order(source, names[0], rows, columns)
+        if order is None:
+            continue
+        values = dequantize(torch.from_numpy(encoded[names[0]]), entry.type, columns)
+        restored = torch.empty_like(values)
+        restored[order] = values            # GGUF row i is the module's row order[i]
+        module.weight.data.copy_(restored.to(module.weight.device, module.weight.dtype))
+        changed = True
+    return changed
+
+
+def _row_order(source: SourceModel, name: str, rows: int, columns: int) -> Optional[torch.Tensor]:
+    """Which module row each GGUF row of `name` is, when the adapter only permutes rows (else None)."""
+    probe = torch.arange(rows, dtype=torch.float64)[:, None].expand(rows, columns).contiguous()
+    try:
+        moved = source.adapter.transform(name, probe)
+    except Exception:  # an adapter that cannot take the probe: no sequential inputs through this weight
+        return None
+    if tuple(moved.shape) != (rows, columns) or not bool((moved == moved[:, :1]).all()):
+        return None
+    order = moved[:, 0].round().to(torch.int64)
+    if not bool((moved[:, 0] == order).all()) or not torch.equal(order.sort().values, torch.arange(rows)):
+        return None
+    return order
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One torch thread on the CPU while rounding: GPTQ's column steps are small operations, which several threads
+    waiting for each other make several times slower (6x measured on a shared 2-core machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def objective_summary(objectives: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The kept roundings' output error against nearest rounding's: summed over the tensors, and the median per
+    tensor."""
+    if not objectives:
+        return {}
+    ratios = sorted(min(gptq, nearest) / nearest if nearest > 0 else 1.0 for gptq, nearest in objectives.values())
+    kept = sum(min(pair) for pair in objectives.values())
+    nearest = sum(pair[1] for pair in objectives.values())
+    return {"ratio": kept / nearest if nearest > 0 else 1.0, "median_ratio": ratios[len(ratios) // 2]}
+
+
+class _Hessians:
+    """X^T X of the inputs of a block's planned linear weights, summed in float64 over the chunks."""
+
+    def __init__(self, model: StreamedModel, source: SourceModel, layer: torch.nn.Module, planned: dict):
+        self.sums: dict[int, torch.Tensor] = {}
+        self.names: dict[str, int] = {}          # planned weight -> key of its inputs' sum
+        self.targets: list[tuple[torch.nn.Module, list[str]]] = []
+        self._last: Optional[tuple[torch.Tensor, int]] = None
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                names = [name for name in _gguf_names(model, source, model.hf_name(module) + ".weight")
+                         if name in planned and planned[name].shape[-1] == module.in_features]
+                if names:
+                    self.targets.append((module, names))
+
+    def hooks(self):
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        for module, names in self.targets:
+            handle = module.register_forward_pre_hook(
+                lambda module, args, kwargs, names=names: self._add(names, args[0] if args else kwargs["input"]),
+                with_kwargs=True)
+            stack.callback(handle.remove)
+        return stack
+
+    def _add(self, names: list[str], inputs: torch.Tensor) -> None:
+        if self._last is not None and self._last[0] is inputs:   # the same input as the layer before (q, k, v)
+            key = self._last[1]
+        else:
+            flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+            product = (flat.t() @ flat).double()
+            key = len(self.sums) if not any(name in self.names for name in names) else self.names[names[0]]
+            self.sums[key] = self.sums[key] + product if key in self.sums else product
+            self._last = (inputs, key)
+        for name in names:
+            self.names[name] = key
+
+    def matrices(self) -> dict[str, torch.Tensor]:
+        return {name: self.sums[key] for name, key in self.names.items()}
+
+
+def _gguf_names(model: StreamedModel, source: SourceModel, parameter_name: str) -> list[str]:
+    """The GGUF weights a parameter of the model feeds (BlockPasses.gguf_names)."""
+    names = []
+    for stored in model.parameters.checkpoint_names(parameter_name):
+        name = source.adapter.gguf_name(stored)
+        spec = source.by_name.get(name) if name else None
+        if spec is not None and spec.is_matrix and name not in names:
+            names.append(name)
+    return names

@@ -1,7 +1,7 @@
 """GPTQ rounding (--rounding gptq) against nearest rounding on the same optimal plan, at llama.cpp's mix sizes.
 Writes the "GPTQ rounding: <model>" section of docs/results.md.
 
-    python scripts/bench_gptq.py --calibration CAL.json --eval-text EVAL.txt [--model models/smollm2] [--mixes Q4_K_M]
+    python -m scripts.bench.gptq --calibration CAL.json --eval-text EVAL.txt [--model models/smollm2] [--mixes Q4_K_M]
 
 For each llama.cpp mix (Q4_K_M by default, made by llama-quantize from the F32 conversion without imatrix), one
 optimal plan is made at exactly that file's size (with the calibration's importance matrix) and written twice:
@@ -23,21 +23,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.common.llama_tools import run_measured
+from scripts.common.results_file import shown_arguments, update_section
 
-from llama_tools import run_measured  # noqa: E402
-from results_file import shown_arguments, update_section  # noqa: E402
+from ewq_gguf import llamacpp
+from ewq_gguf.api import convert
+from ewq_gguf.calibrate import Calibration
+from ewq_gguf.calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS
+from ewq_gguf.devenv import REPOSITORY, dev_model
+from ewq_gguf.plan.plan import Plan
+from ewq_gguf.validate import CompareReport, compare
 
-from ewq_gguf import llamacpp  # noqa: E402
-from ewq_gguf.api import convert  # noqa: E402
-from ewq_gguf.calibrate import Calibration  # noqa: E402
-from ewq_gguf.calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS  # noqa: E402
-from ewq_gguf.devenv import dev_model  # noqa: E402
-from ewq_gguf.plan.plan import Plan  # noqa: E402
-from ewq_gguf.validate import CompareReport, compare  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+RESULTS = REPOSITORY / "docs" / "results.md"
 TITLE = "GPTQ rounding"
 
 
@@ -166,7 +163,7 @@ def main() -> None:
         title = f"{TITLE}: {model_name}" + ("" if args.gptq_tokens == DEFAULT_GPTQ_TOKENS else
                                              f", {args.gptq_tokens} GPTQ tokens")
         update_section(RESULTS, title, body,
-                       "python scripts/bench_gptq.py " + shown_arguments(sys.argv[1:]))
+                       "python -m scripts.bench.gptq " + shown_arguments(sys.argv[1:]))
 
 
 if __name__ == "__main__":

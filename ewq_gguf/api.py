@@ -44,12 +44,14 @@ class ConvertResult:
 
 def make_plan(model: SourceModel, method: Optional[str] = None, *, plan: Optional[str | Path] = None,
               importance: Optional[ImportanceMatrix] = None, device: str = "auto", progress: bool = True,
-              **options: Any) -> Plan:
+              rounding: str = "nearest", **options: Any) -> Plan:
     """Decide the type of every tensor of `model` by `method`, or reuse a plan file / GGUF's types (`plan`).
 
     method: a planner's name (ewq_gguf.plan.registry.planners()); None means ewq, or uniform when `type` is given.
     options: the method's, the fields of its options dataclass (None: the method's default); one the method does not
-    take is an InputError. importance: the importance matrix the file will be quantized with.
+    take is an InputError. importance: the importance matrix the file will be quantized with. rounding: how the
+    file will be rounded ("gptq" records the rounding per tensor in the plan, which planners sizing the whole file
+    must count).
     """
     if plan is not None:
         return plan_from_file(model, plan)
@@ -58,7 +60,15 @@ def make_plan(model: SourceModel, method: Optional[str] = None, *, plan: Optiona
     if "type" in given and not planner.takes("type"):
         raise InputError(f"--type applies to --method {TYPE_ONLY_METHOD}; --method {planner.name} takes --types "
                          "LOW,MID,HIGH")
-    context = PlanContext(device, progress, importance, lambda candidate: planned_file_size(model, candidate))
+    if rounding == "gptq":
+        from .calibrate.gptq_pass import reserved_rounding
+
+        def file_size(candidate: Plan) -> int:
+            return planned_file_size(model, reserved_rounding(candidate))
+    else:
+        def file_size(candidate: Plan) -> int:
+            return planned_file_size(model, candidate)
+    context = PlanContext(device, progress, importance, file_size)
     return planner.make(model, planner.options_from(given), context)
 
 
@@ -144,7 +154,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
             options["calibration"] = run_calibration(calibrate_from, device=device, progress=progress)
     with times.measure("plan"):
         decided = make_plan(model, method, plan=plan, importance=importance, device=device, progress=progress,
-                            **options)
+                            rounding=rounding, **options)
     encoded = None
     if rounding == "nearest" and any(entry.rounding != "nearest" or entry.rounding_note for entry in decided.entries):
         # a reused plan of a GPTQ file: this file is rounded to nearest, and its plan must say so

@@ -124,3 +124,16 @@ def test_sequential_inputs_through_the_rounded_blocks(tiny_llama, calibration_fi
     assert np.array_equal(plain.encoded["blk.0.ffn_up.weight"], sequential.encoded["blk.0.ffn_up.weight"])
     assert not np.array_equal(plain.encoded["blk.1.ffn_up.weight"], sequential.encoded["blk.1.ffn_up.weight"])
     assert sequential.plan.params["gptq_sequential"] is True
+
+
+def test_target_size_counts_the_rounding_records(tiny_llama, calibration_file, tmp_path):
+    """--rounding gptq records the rounding of every tensor in the plan the header carries: an optimal plan at a
+    whole-file size still fits it with them."""
+    low = convert(tiny_llama, tmp_path / "low.gguf", "uniform", type="Q4_K", dry_run=True, progress=False).bytes
+    high = convert(tiny_llama, tmp_path / "high.gguf", "uniform", type="Q8_0", dry_run=True, progress=False).bytes
+    target = (low + high) // 2
+    out = tmp_path / "gptq.gguf"
+    result = convert(tiny_llama, out, "optimal", target_size=target, calibration=str(calibration_file),
+                     rounding="gptq", progress=False)
+    assert sum(entry.rounding == "gptq" for entry in result.plan.entries) > 0
+    assert result.bytes == out.stat().st_size <= target

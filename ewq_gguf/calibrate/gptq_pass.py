@@ -56,6 +56,17 @@ def planned_rounding(plan: Plan) -> Plan:
                                                    _ineligible_note(entry)) for entry in plan.entries], plan.blocks)
 
 
+def reserved_rounding(plan: Plan) -> Plan:
+    """The plan with the longest rounding records gptq_round can give it: every eligible tensor kept at nearest with
+    its note, and the params' numbers at their longest. A --rounding gptq file's plan (in its header) is never
+    larger, so a planner that sizes this plan's file keeps --target-size."""
+    longest_float = -2.2250738585072014e-308
+    params = dict(plan.params, rounding="gptq", gptq_tokens=2 ** 63 - 1, gptq_sequential=False,
+                  gptq_objective={"ratio": longest_float, "median_ratio": longest_float})
+    return Plan(plan.method, params, [_marked(entry, "nearest", NOTE_NO_BETTER if _eligible(entry) else
+                                              _ineligible_note(entry)) for entry in plan.entries], plan.blocks)
+
+
 def _eligible(entry) -> bool:
     return entry.type in GPTQ_TYPES and len(entry.shape) == 2
 

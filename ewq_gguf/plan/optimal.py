@@ -187,7 +187,10 @@ def optimal_plan(model: SourceModel, choices: dict[str, list[Choice]], file_budg
         size = file_size(plan)
         if size <= file_budget:
             return plan
-        header += size - file_budget
+        # the header this plan measured (the DP may leave slack below the budget, so the overflow alone can
+        # underestimate it), or more where a smaller plan's header still did not fit
+        measured = size - fixed_bytes - sum(padded(entry.nbytes) for entry in plan.entries if entry.name in choices)
+        header = max(measured, header + size - file_budget)
     raise InputError(f"could not fit a plan into {file_budget:,} bytes")
 
 

@@ -105,31 +105,8 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
     encoded: dict[str, np.ndarray] = {}
     objectives: dict[str, tuple[float, float]] = {}
     rounding: dict[str, tuple[str, str]] = {}
-    for block in progress_bar(range(model.n_blocks), desc="GPTQ blocks", unit="block"):
-        with model.block(block) as layer, torch.no_grad():
-            hessians = _Hessians(model, source, layer, planned)
-            with hessians.hooks():
-                outputs = [model.run_block(layer, block, state) for state in hidden]
-            for name, hessian in hessians.matrices().items():
-                entry = planned[name]
-                weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
-                vector = importance.get(name)
-                with _one_thread(device):
-                    result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
-                                           None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
-                encoded[name] = result.data.cpu().numpy()
-                objectives[name] = (result.objective_gptq, result.objective_nearest)
-                rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
-                del weight
-            if sequential:
-                # the next block's inputs: this block's outputs with its weights as the file will hold them
-                if _load_rounded(layer, hessians, source, planned, encoded):
-                    outputs = [model.run_block(layer, block, state) for state in hidden]
-            hidden = outputs
-        del hessians
-    head = _head_hessian(model, chunks, hidden, planned)
-    if head is not None:
-        name, hessian = head
+
+    def round_weight(name: str, hessian: torch.Tensor) -> None:
         entry = planned[name]
         weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
         vector = importance.get(name)
@@ -139,7 +116,23 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
         encoded[name] = result.data.cpu().numpy()
         objectives[name] = (result.objective_gptq, result.objective_nearest)
         rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
-        del weight
+
+    for block in progress_bar(range(model.n_blocks), desc="GPTQ blocks", unit="block"):
+        with model.block(block) as layer, torch.no_grad():
+            hessians = _Hessians(model, source, layer, planned)
+            with hessians.hooks():
+                outputs = [model.run_block(layer, block, state) for state in hidden]
+            for name, hessian in hessians.matrices().items():
+                round_weight(name, hessian)
+            if sequential:
+                # the next block's inputs: this block's outputs with its weights as the file will hold them
+                if _load_rounded(layer, hessians, source, planned, encoded):
+                    outputs = [model.run_block(layer, block, state) for state in hidden]
+            hidden = outputs
+        del hessians
+    head = _head_hessian(model, chunks, hidden, planned)
+    if head is not None:
+        round_weight(*head)
     entries = []
     for entry in plan.entries:
         if entry.name in rounding:

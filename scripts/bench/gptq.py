@@ -15,14 +15,13 @@ Steps are cached in --work (default out/bench-gptq): delete a file there to redo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from scripts.bench.optimal import scored, step
 from scripts.common.llama_tools import run_measured
 from scripts.common.results_file import shown_arguments, update_section
 
@@ -32,39 +31,9 @@ from ewq_gguf.calibrate import Calibration
 from ewq_gguf.calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS
 from ewq_gguf.devenv import REPOSITORY, dev_model
 from ewq_gguf.plan.plan import Plan
-from ewq_gguf.validate import CompareReport, compare
 
 RESULTS = REPOSITORY / "docs" / "results.md"
 TITLE = "GPTQ rounding"
-
-
-def step(path: Path, make) -> Path:
-    """Run make(partial name) unless path exists, then rename the partial file to path."""
-    if not path.exists():
-        started = time.perf_counter()
-        partial = path.with_name(f"partial-{path.name}")
-        make(partial)
-        partial.replace(path)
-        print(f"made {path.name} in {time.perf_counter() - started:.0f} s (machine shared: not a timing)", flush=True)
-    return path
-
-
-def scored(base: Path, files: list[Path], eval_text: Path, args, work: Path) -> dict[str, CompareReport]:
-    """File name -> its compare report, kept in --work/reports.json keyed by name, size and mtime."""
-    store = work / "reports.json"
-    kept = json.loads(store.read_text()) if store.exists() else {}
-
-    def key(path: Path) -> str:
-        return f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}:{args.ctx}x{args.chunks}"
-
-    for path in [path for path in files if key(path) not in kept]:
-        report = compare(base, [path], text=eval_text, ctx=args.ctx, chunks=args.chunks, cache_dir=work / "cache",
-                         threads=args.threads, progress=False)[1]
-        kept[key(path)] = {**report.to_dict(), "is_base": False, "text": report.text, "ctx": report.ctx,
-                           "chunks": report.chunks}
-        store.write_text(json.dumps(kept, indent=1))
-        print(f"scored {path.name}: KLD {report.kld:.5f}", flush=True)
-    return {path.name: CompareReport(**kept[key(path)]) for path in files}
 
 
 def recorded_plan(path: Path) -> Plan:

@@ -104,43 +104,12 @@ class SourceModel:
                 return self._relayout(spec, pieces)
             return self.adapter.transform(spec.name, pieces[spec.source])
 
-    def element_layout(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
-                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Where the rows and columns of the file's tensor `spec` come from: (row_of, column_of), its row i (of all
-        but the last dimension) being row row_of[i] of the checkpoint tensors `shapes` with their rows end to end,
-        its column j their column column_of[j]. Found by pushing numbered rows and columns through file_layout.
-        None where the route does more than move whole rows and columns, or the tensors differ in width."""
-        if len({shape[-1] for shape in shapes.values()}) != 1:
-            return None
-
-        def numbered(axis: Optional[int]) -> torch.Tensor:
-            """The file's tensor from pieces holding 1 + their row number (axis 0), column number (axis 1), or 1."""
-            pieces, offset = {}, 0
-            for stored, shape in shapes.items():
-                n_rows, width = math.prod(shape[:-1]), shape[-1]
-                if axis == 0:
-                    values = torch.arange(offset + 1, offset + n_rows + 1, dtype=torch.float64)[:, None]
-                elif axis == 1:
-                    values = torch.arange(1, width + 1, dtype=torch.float64)[None, :]
-                else:
-                    values = torch.ones(1, 1, dtype=torch.float64)
-                pieces[stored] = values.to(torch.float32).expand(n_rows, width).reshape(shape)
-                offset += n_rows
-            return self.file_layout(spec, pieces).double().reshape(-1, spec.shape[-1])
-
-        scale = numbered(None)
-        row_of = _constant_index(numbered(0) / scale, 1, sum(math.prod(shape[:-1]) for shape in shapes.values()))
-        column_of = _constant_index(numbered(1) / scale, 0, next(iter(shapes.values()))[-1])
-        return None if row_of is None or column_of is None else (row_of, column_of)
-
-    def element_moves(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
-                      ) -> Optional[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
-        """Where each element of the file's tensor `spec` is one element of the checkpoint tensors `shapes` times a
-        factor (the route transposes, interleaves, splits, stacks, permutes, scales, and computes nothing else): a
-        function taking other values shaped like those tensors (a gradient) to the file's layout, moved as the
-        weights are and not scaled. None where the route does more. Unlike element_layout, the file's rows and
-        columns need not be the checkpoint's: gpt-oss's fused expert gate_up_proj (experts x width x 2 ffn) becomes
-        ffn_gate_exps and ffn_up_exps (experts x ffn x width) by a transpose and every other column."""
+    def element_sources(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
+                        ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(index, factor), both shaped like the file's tensor `spec`: its element e is element index[e] of the
+        checkpoint tensors `shapes` (flattened, end to end) times factor[e], where the route moves and scales single
+        elements (transposes, interleaves, splits, stacks, permutes) and computes nothing else; None otherwise.
+        Found by pushing numbered elements through file_layout."""
         total = sum(math.prod(shape) for shape in shapes.values())
         low = 2048     # elements numbered as high * low + low part: both exact in float32 up to 2^35 elements
 
@@ -157,22 +126,52 @@ class SourceModel:
                 offset += count
             return self.file_layout(spec, pieces).double()
 
-        scale = numbered(None)
-        if tuple(scale.shape) != tuple(spec.shape) or not bool((scale != 0).all() and torch.isfinite(scale).all()):
+        factor = numbered(None)
+        if tuple(factor.shape) != tuple(spec.shape) or not bool((factor != 0).all() and torch.isfinite(factor).all()):
             return None
         parts = []
         for part in (0, 1):
-            numbers = numbered(part) / scale
+            numbers = numbered(part) / factor
             rounded = numbers.round()
             if not bool(torch.isfinite(numbers).all()) or float((numbers - rounded).abs().max()) > 0.25:
                 return None
-            parts.append(rounded)
-        index = (parts[1] - 1) * low + (parts[0] - 1)
-        if int(index.min()) < 0 or int(index.max()) >= total or int(parts[0].max()) > low:
+            parts.append(rounded.long() - 1)
+        low_part, high_part = parts
+        index = high_part * low + low_part
+        if int(low_part.min()) < 0 or int(low_part.max()) >= low or int(index.min()) < 0 or int(index.max()) >= total:
             return None
-        unscaled = bool((scale == 1).all())
-        del index, parts
-        factors = None if unscaled else scale.float()
+        return index, factor
+
+    def element_layout(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Where the rows and columns of the file's tensor `spec` come from: (row_of, column_of), its row i (of all
+        but the last dimension) being row row_of[i] of the checkpoint tensors `shapes` with their rows end to end,
+        its column j their column column_of[j]. None where the route does more than move whole rows and columns
+        (element_sources), or the tensors differ in width."""
+        widths = {shape[-1] for shape in shapes.values()}
+        sources = self.element_sources(spec, shapes) if len(widths) == 1 else None
+        if sources is None:
+            return None
+        index, width = sources[0].reshape(-1, spec.shape[-1]), widths.pop()
+        rows, columns = index // width, index % width
+        if bool((rows != rows[:, :1]).any()) or bool((columns != columns[:1, :]).any()):
+            return None
+        return rows[:, 0], columns[0, :]
+
+    def element_moves(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
+                      ) -> Optional[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
+        """Where each element of the file's tensor `spec` is one element of the checkpoint tensors `shapes` times a
+        factor (element_sources): a function taking other values shaped like those tensors (a gradient) to the
+        file's layout, moved as the weights are and not scaled; None where the route does more. Unlike
+        element_layout, the file's rows and columns need not be the checkpoint's: gpt-oss's fused expert
+        gate_up_proj (experts x width x 2 ffn) becomes ffn_gate_exps and ffn_up_exps (experts x ffn x width) by a
+        transpose and every other column."""
+        sources = self.element_sources(spec, shapes)
+        if sources is None:
+            return None
+        factor = sources[1]
+        factors = None if bool((factor == 1).all()) else factor.float()
+        del sources, factor
 
         def move(pieces: Mapping[str, torch.Tensor]) -> torch.Tensor:
             moved = self.file_layout(spec, pieces)
@@ -185,19 +184,6 @@ class SourceModel:
         with config_errors():
             self.adapter.add_metadata(writer)
         self._add_tokenizer(writer)
-
-
-def _constant_index(numbers: torch.Tensor, along: int, count: int) -> Optional[torch.Tensor]:
-    """The indices that 1-based `numbers` hold where they are the same along dimension `along`, each in 0..count-1;
-    None otherwise."""
-    rounded = numbers.round()
-    if not bool(torch.isfinite(numbers).all()) or float((numbers - rounded).abs().max()) > 0.25:
-        return None
-    first = rounded.select(along, 0)
-    if bool((rounded != first.unsqueeze(along)).any()):
-        return None
-    index = first.long() - 1
-    return index if int(index.min()) >= 0 and int(index.max()) < count else None
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from .calibrate import Calibration, load_importance
 from .calibrate.imatrix import ImportanceMatrix
-from .constants import DEFAULT_EVALUATION_CTX
+from .constants import DEFAULT_EVALUATION_CTX, DEFAULT_GPTQ_TOKENS, DEFAULT_ROUNDING, ROUNDINGS
 from .device import resolve_device
 from .errors import InputError
 from .gguf_file.header import planned_file_size
@@ -21,9 +21,6 @@ from .plan.reuse import plan_from_file
 from .source.model import SourceModel, open_checkpoint
 from .timing import StageTimes
 from .write import check_output, parse_size, write_gguf
-
-
-ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class ConvertResult:
 
 def make_plan(model: SourceModel, method: Optional[str] = None, *, plan: Optional[str | Path] = None,
               importance: Optional[ImportanceMatrix] = None, device: str = "auto", progress: bool = True,
-              rounding: str = "nearest", **options: Any) -> Plan:
+              rounding: str = DEFAULT_ROUNDING, **options: Any) -> Plan:
     """Decide the type of every tensor of `model` by `method`, or reuse a plan file / GGUF's types (`plan`).
 
     method: a planner's name (ewq_gguf.plan.registry.planners()); None means ewq, or uniform when `type` is given.
@@ -76,7 +73,7 @@ def convert(model_dir: str | Path, out: str | Path, method: Optional[str] = None
             plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
             allow_pickle: bool = False, split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
             validate: bool = False, base: Optional[str | Path] = None, text: Optional[str | Path] = None,
-            ollama_modelfile: bool = False, rounding: str = "nearest", gptq_tokens: Optional[int] = None,
+            ollama_modelfile: bool = False, rounding: str = DEFAULT_ROUNDING, gptq_tokens: Optional[int] = None,
             gptq_sequential: bool = False, **options: Any) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder into a GGUF file at `out`.
 
@@ -117,7 +114,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                    plan_out: Optional[str | Path] = None, dry_run: bool = False, progress: bool = True,
                    split_max_size: Optional[int | str] = None, imatrix: Optional[str | Path] = None,
                    calibrate_from: Optional[str | Path] = None, started: Optional[float] = None,
-                   rounding: str = "nearest", gptq_tokens: Optional[int] = None, gptq_sequential: bool = False,
+                   rounding: str = DEFAULT_ROUNDING, gptq_tokens: Optional[int] = None, gptq_sequential: bool = False,
                    **options: Any) -> ConvertResult:
     """The one pipeline behind convert and export: plan an opened model (a checkpoint folder's or one in memory)
     and write it. calibrate_from: the checkpoint folder that methods taking a calibration calibrate on when no
@@ -161,7 +158,7 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
         decided = dataclasses.replace(decided, entries=[dataclasses.replace(entry, rounding="nearest", rounding_note="")
                                                         for entry in decided.entries])
     if rounding == "gptq":
-        from .calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS, gptq_round, planned_rounding
+        from .calibrate.gptq_pass import gptq_round, planned_rounding
         from .progress import progress_bar
 
         if dry_run:

@@ -11,8 +11,9 @@ from typing import Any, Callable, Optional
 import click
 
 from .constants import (COMPUTE_DTYPES, DEFAULT_CALIBRATION_CTX, DEFAULT_CALIBRATION_TOKENS, DEFAULT_EVALUATION_CTX,
-                        DEFAULT_NOISE_LEVELS, DEFAULT_SENSITIVITY_METHOD, DEFAULT_SENSITIVITY_TOKENS, DEVICE_CHOICES,
-                        NOISE_SEQUENCE, SENSITIVITY_METHODS)
+                        DEFAULT_GPTQ_TOKENS, DEFAULT_NOISE_LEVELS, DEFAULT_ROUNDING, DEFAULT_SENSITIVITY_METHOD,
+                        DEFAULT_SENSITIVITY_TOKENS, DEVICE_CHOICES,
+                        NOISE_SEQUENCE, ROUNDINGS, SENSITIVITY_METHODS)
 from .errors import EwqGgufError
 
 
@@ -133,13 +134,13 @@ def ewq_settings(*names: str) -> Callable[[], list[click.Option]]:
 @click.option("--text", "eval_text", type=click.Path(dir_okay=False),
               help="--validate: evaluation text (default: real text found on this machine).")
 @click.option("--ollama-modelfile", is_flag=True, help="Write an Ollama Modelfile beside OUT.")
-@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+@click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULT_ROUNDING, show_default=True,
               help="How codes are chosen in each type: nearest (ggml's rounding, byte-identical to llama-quantize) "
                    "or gptq (error-compensating rounding that minimises each weight's output error on the "
                    "calibration text's inputs; needs --calibration; the file stays in the same types).")
 @click.option("--gptq-tokens", type=int, default=None,
-              help="--rounding gptq: calibration tokens the inputs are collected over [default: 32768, at most the "
-                   "calibration's].")
+              help="--rounding gptq: calibration tokens the inputs are collected over "
+                   f"[default: {DEFAULT_GPTQ_TOKENS}, at most the calibration's].")
 @click.option("--gptq-sequential", is_flag=True,
               help="--rounding gptq: each block's inputs come from the blocks before it with their weights rounded "
                    "(as the file computes) instead of from the unquantized model.")

@@ -35,6 +35,10 @@ DEFAULT_CALIBRATION_TOKENS = 32768
 DEFAULT_CALIBRATION_CTX = 512
 SENSITIVITY_METHODS = ("fisher", "noise")
 DEFAULT_SENSITIVITY_METHOD = "fisher"
+# how codes are chosen in each type: ggml's nearest rounding, or GPTQ over the inputs of this many calibration tokens
+ROUNDINGS = ("nearest", "gptq")
+DEFAULT_ROUNDING = "nearest"
+DEFAULT_GPTQ_TOKENS = DEFAULT_CALIBRATION_TOKENS
 # tokens the sensitivities rest on, per method: a backward pass per chunk is cheap enough for thousands of tokens;
 # noise injection runs the rest of the model once per weight and noise level
 DEFAULT_SENSITIVITY_TOKENS = {"fisher": 4096, "noise": 128}

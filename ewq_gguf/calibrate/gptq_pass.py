@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..constants import DEFAULT_CALIBRATION_TOKENS, OUTPUT_HEAD
+from ..constants import DEFAULT_GPTQ_TOKENS, OUTPUT_HEAD
 from ..errors import InputError
 from ..plan import Plan
 from ..quant.gptq import GPTQ_TYPES, gptq_quantize
@@ -33,7 +33,6 @@ from .stream import StopForward, StreamedModel
 
 # every token of a default calibration: on SmolLM2 at Q4_K_M size, 32768 tokens gave 0.60x nearest rounding's KLD
 # where 8192 gave 0.76x (docs/results.md)
-DEFAULT_GPTQ_TOKENS = DEFAULT_CALIBRATION_TOKENS
 
 NOTE_NO_INPUTS = "no inputs collected (token embedding, tied output head)"
 NOTE_EXPERTS = "expert tensors not yet rounded by GPTQ"

@@ -28,7 +28,7 @@ from scripts.common.results_file import shown_arguments, update_section
 from ewq_gguf import llamacpp
 from ewq_gguf.api import convert
 from ewq_gguf.calibrate import Calibration
-from ewq_gguf.calibrate.gptq_pass import DEFAULT_GPTQ_TOKENS
+from ewq_gguf.constants import DEFAULT_GPTQ_TOKENS
 from ewq_gguf.devenv import REPOSITORY, dev_model
 from ewq_gguf.plan.plan import Plan
 

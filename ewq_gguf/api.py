@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from .calibrate import Calibration, load_importance
 from .calibrate.imatrix import ImportanceMatrix
+from .calibrate.workfolder import work_folder_for
 from .constants import DEFAULT_EVALUATION_CTX, DEFAULT_GPTQ_TOKENS, DEFAULT_ROUNDING, ROUNDINGS
 from .device import resolve_device
 from .errors import InputError
@@ -168,9 +169,10 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
                 outcome = gptq_round(calibrate_from, model, decided, rounding_calibration,
                                      tokens=gptq_tokens or DEFAULT_GPTQ_TOKENS, device=resolve_device(device),
                                      importance=importance.vectors() if importance else None,
-                                     sequential=gptq_sequential,
+                                     sequential=gptq_sequential, work_dir=work_folder_for(out),
                                      progress_bar=lambda items, **kw: progress_bar(items, enabled=progress, **kw))
             decided, encoded = outcome.plan, outcome.encoded
+            times.update({f"gptq {part}": seconds for part, seconds in outcome.seconds.items()})
     if plan_out is not None:
         decided.save(plan_out)
     if dry_run:
@@ -179,6 +181,8 @@ def convert_source(model: SourceModel, out: str | Path, method: Optional[str] = 
     written = write_gguf(model, decided, out, force=force, device=resolve_device(device), progress=progress,
                          split_max_size=split_bytes, importance=importance.vectors() if importance else None,
                          times=times, encoded=encoded)
+    if rounding == "gptq":
+        shutil.rmtree(work_folder_for(out), ignore_errors=True)   # GPTQ's work folder, once the file is complete
     return ConvertResult(written.path, written.bytes, decided.bits_per_weight, decided, time.perf_counter() - started,
                          times)
 
@@ -205,7 +209,6 @@ def calibrate(model_dir: str | Path, out: str | Path, *, force: bool = False, **
     its importance matrix beside it (OUT's stem + .imatrix.gguf, llama-imatrix's format). The passes keep their
     files in OUT.work/ until the result is saved, so that a rerun after an interruption resumes there."""
     from .calibrate import calibrate as run_calibration, imatrix_path_for
-    from .calibrate.workfolder import work_folder_for
 
     for path in (Path(out), imatrix_path_for(out)):
         check_output(path, force)

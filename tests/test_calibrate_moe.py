@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import zlib
 
 import gguf
 import numpy as np
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ewq_gguf.calibrate import calibrate
 from ewq_gguf.calibrate.imatrix import ImportanceMatrix
+from ewq_gguf.calibrate.passes import sampled_labels
 from ewq_gguf.calibrate.runner import calibration_tokens
 from ewq_gguf.source.model import open_checkpoint
 from llama_runner import gguf_logits
@@ -126,8 +126,7 @@ def test_gpt_oss_expert_fisher_sums_are_the_file_tensors(gpt_oss, calibration_te
     rows, columns = {}, {}
     for index, chunk in enumerate(chunks):
         log_probs = torch.log_softmax(model(input_ids=chunk[None]).logits.float(), -1)[0]
-        generator = torch.Generator().manual_seed(zlib.crc32(f"0:{index}".encode()))    # BlockPasses._draw's
-        drawn = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)
+        drawn = sampled_labels(log_probs.detach(), 0, index)[..., None]    # the labels BlockPasses draws (seed 0)
         parameters = [weight for module in experts for weight in (module.gate_up_proj, module.down_proj)]
         gradients = torch.autograd.grad(-log_probs.gather(-1, drawn).sum(), parameters)
         for block in range(len(experts)):

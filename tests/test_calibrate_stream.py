@@ -294,7 +294,7 @@ def test_tied_embedding_fisher_is_the_heads_plus_what_the_embedding_path_adds(ti
     embedding's path adds to the sampled gradient, G^2 - H^2 (G the tied weight's whole gradient, H its head
     path's); summed over each row and each column. Each chunk's value is exact, not only its expectation: a head
     gradient that also carried the soft-cap slope's ones once made SmolLM2's chunks range from -52 to +71 around 15."""
-    import zlib
+    from ewq_gguf.calibrate.passes import sampled_labels
 
     folder = tiny_folders("Qwen3ForCausalLM")
     calibration = calibrate(folder, text_file, tokens=TOKENS, ctx=CTX, sensitivity_tokens=TOKENS, error_types=(),
@@ -309,8 +309,7 @@ def test_tied_embedding_fisher_is_the_heads_plus_what_the_embedding_path_adds(ti
     for index, chunk in enumerate(chunks):
         log_probs = torch.log_softmax(model(input_ids=chunk[None]).logits.float(), -1)[0]
         probabilities = log_probs.detach().exp()
-        generator = torch.Generator().manual_seed(zlib.crc32(f"0:{index}".encode()))    # BlockPasses._draw's
-        drawn = torch.multinomial(probabilities, 1, generator=generator)
+        drawn = sampled_labels(log_probs, 0, index)[:, None]    # the labels BlockPasses draws (seed 0)
         whole, = torch.autograd.grad(-log_probs.gather(-1, drawn).sum(), weight)
         features = captured["head"].detach().double()
         head_path = (probabilities - F.one_hot(drawn[:, 0], weight.shape[0])).double().T @ features

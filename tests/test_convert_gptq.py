@@ -104,7 +104,7 @@ def test_cli_rounding_gptq(tiny_llama, calibration_file, tmp_path):
     assert refused.exit_code != 0 and "--calibration" in refused.output
     done = CliRunner().invoke(main, [*args, "--calibration", str(calibration_file)])
     assert done.exit_code == 0, done.output
-    assert out.exists()
+    assert out.exists() and not out.with_name(out.name + ".work").exists()   # the work folder goes with success
 
 
 def test_sequential_inputs_through_the_rounded_blocks(tiny_llama, calibration_file):
@@ -137,3 +137,35 @@ def test_target_size_counts_the_rounding_records(tiny_llama, calibration_file, t
                      rounding="gptq", progress=False)
     assert sum(entry.rounding == "gptq" for entry in result.plan.entries) > 0
     assert result.bytes == out.stat().st_size <= target
+
+
+def test_an_interrupted_rounding_resumes_with_the_same_bytes(tiny_llama, calibration_file, tmp_path, monkeypatch):
+    """A run stopped after block 0 leaves its work folder; the same arguments continue from block 1 (block 0's
+    weights are not rounded again) and give the bytes of an uninterrupted run."""
+    from ewq_gguf.api import make_plan
+    from ewq_gguf.calibrate import Calibration
+    from ewq_gguf.calibrate import gptq_pass
+
+    model = open_checkpoint(tiny_llama)
+    plan = make_plan(model, "uniform", type="Q4_K", progress=False)
+    calibration = Calibration.load(calibration_file)
+    reference = gptq_round(tiny_llama, model, plan, calibration, tokens=128, sequential=True)
+    rounded: list[str] = []
+    original = gptq_pass.gptq_quantize
+
+    def stopping(weight, hessian, qtype, importance, damp):
+        if len(rounded) == 7:                   # block 0's seven weights are done
+            raise KeyboardInterrupt
+        rounded.append(qtype)
+        return original(weight, hessian, qtype, importance, damp)
+
+    monkeypatch.setattr(gptq_pass, "gptq_quantize", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        gptq_round(tiny_llama, model, plan, calibration, tokens=128, sequential=True, work_dir=tmp_path / "work")
+    monkeypatch.setattr(gptq_pass, "gptq_quantize", lambda *args: (rounded.append(args[2]), original(*args))[1])
+    resumed = gptq_round(tiny_llama, model, plan, calibration, tokens=128, sequential=True, work_dir=tmp_path / "work")
+    assert len(rounded) == 15                   # 7, then block 1's 7 and the head
+    assert sorted(resumed.encoded) == sorted(reference.encoded)
+    for name in reference.encoded:
+        assert np.array_equal(resumed.encoded[name], reference.encoded[name]), name
+    assert resumed.objectives == reference.objectives and resumed.plan == reference.plan

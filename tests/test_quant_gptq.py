@@ -76,3 +76,13 @@ def test_identical_inputs_leave_only_the_last_columns_rounding_error(qtype_name)
     step = (q - weight).abs().amax(dim=1) * 2 + 1e-6
     assert bool((residual <= step).all())
     assert float(residual.pow(2).sum()) < float((weight.sum(1) - nearest.sum(1)).pow(2).sum())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine: scripts/gpu/triton.sh)")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+def test_cuda_rounds_to_the_cpu_bytes(qtype):
+    weight, hessian = _problem(rows=64, columns=1024, seed=5)
+    importance = torch.rand(weight.shape[1], generator=torch.Generator().manual_seed(6)) + 0.5
+    cpu = gptq_rows(weight, hessian.double(), qtype, importance)
+    cuda = gptq_rows(weight.cuda(), hessian.double().cuda(), qtype, importance.cuda())
+    assert torch.equal(cuda.cpu(), cpu)

@@ -3,9 +3,11 @@
 One forward over the calibration tokens, block by block as the calibration's own passes run (stream.py): block i is
 read from the checkpoint, hooks on its linear layers add X^T X of their inputs over every chunk (one matrix per
 input: q/k/v, or gate/up, share theirs), the chunks' hidden states go through it, and its planned weights are rounded
-with those matrices before the next block is read. Memory: one block, its H matrices, the hidden states, and the
-bytes rounded so far (the quantized size of the blocks done). Every block sees the outputs of the unquantized blocks
-before it.
+with those matrices before the next block is read. Memory: one block, its H matrices and one chunk's hidden states;
+the hidden states of all chunks and the rounded bytes live in a work folder (beside the output when converting), so
+that the memory does not grow with the model, and an interrupted run continues from its last finished block when run
+again with the same arguments (the calibration's WorkFolder). Every block sees the outputs of the unquantized blocks
+before it, unless `sequential`.
 
 An untied output head is rounded last, with X^T X of the final norm's outputs (the last block's outputs through the
 model's own final norm; the logits are not computed). Tensors without inputs here keep ggml's rounding, each with
@@ -15,6 +17,12 @@ tensors and float types.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,6 +38,7 @@ from ..source.model import SourceModel
 from .calibration import Calibration
 from .runner import calibration_tokens
 from .stream import StopForward, StreamedModel
+from .workfolder import WorkFolder
 
 # every token of a default calibration: on SmolLM2 at Q4_K_M size, 32768 tokens gave 0.60x nearest rounding's KLD
 # where 8192 gave 0.76x (docs/results.md)
@@ -45,8 +54,36 @@ class GptqOutcome:
     and per tensor the objective tr((W-Q) H (W-Q)^T) of both roundings."""
 
     plan: Plan
-    encoded: dict[str, np.ndarray]
+    encoded: "RoundedTensors"
     objectives: dict[str, tuple[float, float]]   # name -> (gptq, nearest)
+    # wall seconds of the pass: "inputs" (embedding the chunks), "forward" (the blocks over every chunk, H excluded),
+    # "H" (adding X^T X), "rounding" (gptq_quantize, the nearest rounding it compares with included), "head"
+    seconds: dict[str, float]
+
+
+class RoundedTensors(Mapping):
+    """The bytes of the rounded tensors, name -> (rows, row bytes) uint8, each read from its file in the work folder
+    when asked for: a file writer takes them one at a time."""
+
+    def __init__(self, folder: Path, names: list[str], keep_alive: object = None):
+        self.folder = folder
+        self.names = list(names)
+        self._keep_alive = keep_alive   # a TemporaryDirectory that must outlive these reads
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return np.load(_tensor_path(self.folder, name))
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _tensor_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.npy"
 
 
 def planned_rounding(plan: Plan) -> Plan:
@@ -83,11 +120,13 @@ def _marked(entry, rounding: str, note: str):
 def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibration: Calibration, *,
                tokens: int = DEFAULT_GPTQ_TOKENS, device: torch.device = torch.device("cpu"),
                importance: Optional[dict[str, torch.Tensor]] = None, progress_bar: Callable = lambda items, **_: items,
-               damp: float = 0.01, sequential: bool = False) -> GptqOutcome:
+               damp: float = 0.01, sequential: bool = False, work_dir: Optional[str | Path] = None) -> GptqOutcome:
     """Round every 2-D weight of `plan` that a decoder block's linear layer reads with GPTQ, on the first `tokens`
     tokens of the calibration's text (in chunks of its ctx). importance: the vectors the file is quantized with
     (--imatrix): the scale search's weights; without, diag(H). sequential: each block's inputs come from the blocks
-    before it with their weights rounded (as the file computes), rather than from the unquantized model."""
+    before it with their weights rounded (as the file computes), rather than from the unquantized model.
+    work_dir: the work folder (kept for a rerun to resume until the caller removes it); None: a temporary one that
+    lives as long as the outcome's tensors."""
     from ..text import load_text
 
     importance = importance or {}
@@ -99,54 +138,103 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
     chunks = calibration_tokens(model.tokenizer, text.content, min(tokens, calibration.tokens), calibration.ctx)
     model.record_layer_arguments(chunks[:1])
     planned = {entry.name: entry for entry in plan.entries if _eligible(entry)}
-    with torch.no_grad():
-        hidden = [model.embed(chunks[index:index + 1]) for index in range(chunks.shape[0])]
-    encoded: dict[str, np.ndarray] = {}
-    objectives: dict[str, tuple[float, float]] = {}
-    rounding: dict[str, tuple[str, str]] = {}
+    temporary = tempfile.TemporaryDirectory(prefix="ewq-gptq-") if work_dir is None else None
+    key = {"model": str(Path(model_dir).resolve()), "text": text.sha256, "chunks": list(chunks.shape),
+           "plan": {name: entry.type.name for name, entry in planned.items()}, "damp": damp, "sequential": sequential,
+           "importance": _digest(importance)}
+    work = WorkFolder(Path(temporary.name if temporary else work_dir), key)
+    tensors = work.path / "tensors"
+    tensors.mkdir(exist_ok=True)
+    state = work.state
+    seconds = state.setdefault("seconds", {"inputs": 0.0, "forward": 0.0, "H": 0.0, "rounding": 0.0, "head": 0.0})
+    n_chunks = int(chunks.shape[0])
+    shape = (1, int(chunks.shape[1]), int(model.embedding.weight.shape[-1]))
+    files = {name: work.chunks(name, n_chunks, shape) for name in ("hidden-a", "hidden-b")}
+    if "block" not in state:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for index in range(n_chunks):
+                files["hidden-a"].write(index, model.embed(chunks[index:index + 1]))
+        seconds["inputs"] += time.perf_counter() - started
+        state.update(block=0, hidden="hidden-a", objectives={}, rounding={})
+        work.save()
+    objectives, rounding = state["objectives"], state["rounding"]
 
     def round_weight(name: str, hessian: torch.Tensor) -> None:
+        started = time.perf_counter()
         entry = planned[name]
         weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
         vector = importance.get(name)
         with _one_thread(device):
             result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
                                    None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
-        encoded[name] = result.data.cpu().numpy()
-        objectives[name] = (result.objective_gptq, result.objective_nearest)
-        rounding[name] = (result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER)
+        path = _tensor_path(tensors, name)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as stream:
+            np.save(stream, result.data.cpu().numpy())
+        os.replace(partial, path)
+        objectives[name] = [result.objective_gptq, result.objective_nearest]
+        rounding[name] = [result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER]
+        seconds["rounding"] += time.perf_counter() - started
 
-    for block in progress_bar(range(model.n_blocks), desc="GPTQ blocks", unit="block"):
+    def run_blocks(layer: torch.nn.Module, block: int, source_file, target_file) -> None:
+        started = time.perf_counter()
+        for index in range(n_chunks):
+            target_file.write(index, model.run_block(layer, block, source_file.read(index, device)))
+        seconds["forward"] += time.perf_counter() - started
+
+    for block in progress_bar(range(state["block"], model.n_blocks), desc="GPTQ blocks", unit="block"):
+        target_name = "hidden-b" if state["hidden"] == "hidden-a" else "hidden-a"
+        source_file, target_file = files[state["hidden"]], files[target_name]
         with model.block(block) as layer, torch.no_grad():
             hessians = _Hessians(model, source, layer, planned)
             with hessians.hooks():
-                outputs = [model.run_block(layer, block, state) for state in hidden]
+                run_blocks(layer, block, source_file, target_file)
+            seconds["forward"] -= hessians.seconds
+            seconds["H"] += hessians.seconds
             for name, hessian in hessians.matrices().items():
                 round_weight(name, hessian)
-            if sequential:
-                # the next block's inputs: this block's outputs with its weights as the file will hold them
-                if _load_rounded(layer, hessians, source, planned, encoded):
-                    outputs = [model.run_block(layer, block, state) for state in hidden]
-            hidden = outputs
+            # the next block's inputs: this block's outputs with its weights as the file will hold them
+            if sequential and _load_rounded(layer, hessians, source, planned, RoundedTensors(tensors, rounding)):
+                run_blocks(layer, block, source_file, target_file)
         del hessians
-    head = _head_hessian(model, chunks, hidden, planned)
-    if head is not None:
-        round_weight(*head)
+        state.update(block=block + 1, hidden=target_name)
+        work.save()
+    if not state.get("head"):
+        started = time.perf_counter()
+        head = _head_hessian(model, chunks, files[state["hidden"]], planned, device)
+        seconds["head"] += time.perf_counter() - started
+        if head is not None:
+            round_weight(*head)
+        state["head"] = True
+        work.save()
     entries = []
     for entry in plan.entries:
         if entry.name in rounding:
             entries.append(_marked(entry, *rounding[entry.name]))
         else:
             entries.append(_marked(entry, "nearest", _ineligible_note(entry)))
+    pairs = {name: (float(gptq), float(nearest)) for name, (gptq, nearest) in objectives.items()}
     params = dict(plan.params, rounding="gptq", gptq_tokens=int(chunks.numel()), gptq_sequential=sequential,
-                  gptq_objective=objective_summary(objectives))
-    return GptqOutcome(Plan(plan.method, params, entries, plan.blocks), encoded, objectives)
+                  gptq_objective=objective_summary(pairs))
+    return GptqOutcome(Plan(plan.method, params, entries, plan.blocks), RoundedTensors(tensors, rounding, temporary),
+                       pairs, dict(seconds))
 
 
-def _head_hessian(model: StreamedModel, chunks: torch.Tensor, hidden: list[torch.Tensor],
-                  planned: dict) -> Optional[tuple[str, torch.Tensor]]:
-    """X^T X of the output head's inputs (the last hidden states after the final norm), for an untied head that the
-    plan rounds; None otherwise (a tied head is the token embedding, whose rows are also looked up)."""
+def _digest(importance: dict[str, torch.Tensor]) -> str:
+    """A short digest of the importance vectors (part of a work folder's key)."""
+    digest = hashlib.sha256()
+    for name in sorted(importance):
+        digest.update(name.encode())
+        digest.update(importance[name].detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _head_hessian(model: StreamedModel, chunks: torch.Tensor, hidden, planned: dict,
+                  device: torch.device) -> Optional[tuple[str, torch.Tensor]]:
+    """X^T X of the output head's inputs (the last hidden states, read chunk by chunk from `hidden`, after the final
+    norm), for an untied head that the plan rounds; None otherwise (a tied head is the token embedding, whose rows are
+    also looked up)."""
     if model.tied or OUTPUT_HEAD not in planned:
         return None
     total: Optional[torch.Tensor] = None
@@ -161,9 +249,9 @@ def _head_hessian(model: StreamedModel, chunks: torch.Tensor, hidden: list[torch
     handle = model.head.register_forward_pre_hook(take_input)
     try:
         with torch.no_grad():
-            for index, last in enumerate(hidden):
+            for index in range(chunks.shape[0]):
                 try:
-                    model.logits(chunks[index:index + 1], last)
+                    model.logits(chunks[index:index + 1], hidden.read(index, device))
                 except StopForward:
                     pass
     finally:
@@ -172,7 +260,7 @@ def _head_hessian(model: StreamedModel, chunks: torch.Tensor, hidden: list[torch
 
 
 def _load_rounded(layer: torch.nn.Module, hessians: "_Hessians", source: SourceModel, planned: dict,
-                  encoded: dict[str, np.ndarray]) -> bool:
+                  encoded: Mapping[str, np.ndarray]) -> bool:
     """Put the dequantized rounded weights into the block's linear layers, in the model's layout; True if any was.
 
     A GGUF weight is the module's weight with its rows permuted (llama's Q/K) or as it is; where the adapter does
@@ -247,6 +335,7 @@ class _Hessians:
         self.names: dict[str, int] = {}          # planned weight -> key of its inputs' sum
         self.targets: list[tuple[torch.nn.Module, list[str]]] = []
         self._last: Optional[tuple[torch.Tensor, int]] = None
+        self.seconds = 0.0   # spent adding X^T X (the device waited for, so that the time is this work's)
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 names = [name for name in _gguf_names(model, source, model.hf_name(module) + ".weight")
@@ -269,16 +358,25 @@ class _Hessians:
         if self._last is not None and self._last[0] is inputs:   # the same input as the layer before (q, k, v)
             key = self._last[1]
         else:
+            _wait(inputs.device)
+            started = time.perf_counter()
             flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
             product = (flat.t() @ flat).double()
             key = len(self.sums) if not any(name in self.names for name in names) else self.names[names[0]]
             self.sums[key] = self.sums[key] + product if key in self.sums else product
             self._last = (inputs, key)
+            _wait(inputs.device)
+            self.seconds += time.perf_counter() - started
         for name in names:
             self.names[name] = key
 
     def matrices(self) -> dict[str, torch.Tensor]:
         return {name: self.sums[key] for name, key in self.names.items()}
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _gguf_names(model: StreamedModel, source: SourceModel, parameter_name: str) -> list[str]:

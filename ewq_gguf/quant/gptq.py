@@ -257,7 +257,10 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QType, importa
             index = start // group + g
             groups[index] = pack_codes(groups[index], codes[:, g * group:(g + 1) * group], layout)
         if end < columns:
-            w[:, end:] -= errors @ upper[start:end, end:]
+            # in float64, rounded once to float32: products of float32 values are exact there, so CPU and CUDA
+            # (whose matrix products sum in different orders) give the same float32 update except where a sum lies
+            # within its float64 rounding error of a float32 rounding boundary
+            w[:, end:] -= (errors.double() @ upper[start:end, end:].double()).float()
     return torch.stack(groups, dim=1).reshape(n_rows, -1)
 
 

@@ -58,6 +58,11 @@ class TensorSpec:
         return int(match.group(1)) if match else None
 
     @property
+    def role(self) -> str:
+        """The name without its block number (blk.#.attn_q.weight): what the tensors of every block share."""
+        return _BLOCK.sub("blk.#.", self.name)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 

@@ -9,7 +9,9 @@
 # default path (backend="auto", the fused kernels where the type has one), each with "same bytes" against our torch
 # codecs on the CPU, which the CPU test suite proves equal to ggml_quantize_chunk's. ggml itself comes from the
 # llama-cpp-python that `bash scripts/gpu/check.sh ppl` builds into $EWQ_DEVICE_CACHE (run it first on the same
-# warm machine); without it the MXFP4 tests are skipped. Takes under 5 minutes.
+# warm machine), or from the folder EWQ_LLAMA_CPP names that holds an installed llama_cpp package (its libggml-base
+# is plain x86-64 CPU code: the one built here serves, carried in .device/); without either the MXFP4 tests are
+# skipped. Then GPTQ rounding on CUDA against the CPU (tests/test_quant_gptq.py -k cuda). Takes under 6 minutes.
 # The wheel is installed into a fresh `mktemp -d` folder each run (it takes seconds), removed at the end.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -24,7 +26,7 @@ echo "== CUDA tests (tests/test_quant_triton.py)"
 timeout 130 python3 -m pytest -q tests/test_quant_triton.py 2>&1 | tail -15
 
 echo "== MXFP4 on CUDA against ggml (tests/test_quant_parity.py, tests/test_quant_mxfp4.py)"
-LLAMA=${EWQ_DEVICE_CACHE:-$HOME/.cache/ewq-gguf-device}/llama_cpp_python-0.3.36
+LLAMA=${EWQ_LLAMA_CPP:-${EWQ_DEVICE_CACHE:-$HOME/.cache/ewq-gguf-device}/llama_cpp_python-0.3.36}
 if [ -d "$LLAMA/llama_cpp/lib" ]; then
   # only its libggml-base is loaded (ewq_gguf.quant.ggml_backend finds it without importing llama_cpp)
   PYTHONPATH=$PYTHONPATH:$LLAMA timeout 150 python3 -m pytest -q -rs tests/test_quant_parity.py \
@@ -32,6 +34,9 @@ if [ -d "$LLAMA/llama_cpp/lib" ]; then
 else
   echo "skipped: no llama-cpp-python build at $LLAMA (bash scripts/gpu/check.sh ppl makes it)"
 fi
+
+echo "== GPTQ rounding on CUDA against the CPU (tests/test_quant_gptq.py -k cuda)"
+timeout 120 python3 -m pytest -q tests/test_quant_gptq.py -k cuda 2>&1 | tail -8
 
 echo "== throughput, MB/s of float32 input"
 timeout 100 python3 - <<'PY'

@@ -3,12 +3,14 @@ Writes the "GPTQ rounding: <model>" section of docs/results.md.
 
     python -m scripts.bench.gptq --calibration CAL.json --eval-text EVAL.txt [--model models/smollm2] [--mixes Q4_K_M]
 
-For each llama.cpp mix (Q4_K_M by default, made by llama-quantize from the F32 conversion without imatrix), one
-optimal plan is made at exactly that file's size (with the calibration's importance matrix) and written twice:
-nearest rounding (ggml's, with the importance matrix) and GPTQ rounding (same types, same importance matrix as the
-scale search's weights). With --no-imatrix-too, the plan made without importance matrix is also written with both
-roundings (GPTQ's scale search then weighs columns by diag(H)). Each file is scored by KL divergence against the F32
-conversion on the evaluation text, which must not overlap the calibration text.
+For each llama.cpp mix (Q4_K_M by default), llama-quantize makes two files from the F32 conversion: without
+imatrix, and with the calibration's importance matrix (its .imatrix.gguf, which equals llama-imatrix's on the same
+chunks). One optimal plan is made at exactly the size of the file without imatrix (with the calibration's
+importance matrix) and written twice: nearest rounding (ggml's, with the importance matrix) and GPTQ rounding (same
+types, same importance matrix as the scale search's weights). With --no-imatrix-too, the plan made without
+importance matrix is also written with both roundings (GPTQ's scale search then weighs columns by diag(H)). Each
+file is scored by KL divergence against the F32 conversion on the evaluation text, which must not overlap the
+calibration text. A plot of KLD against file size goes to docs/gptq_<model>.png (needs matplotlib: the plot extra).
 
 Steps are cached in --work (default out/bench-gptq): delete a file there to redo its step.
 """
@@ -27,10 +29,11 @@ from scripts.common.results_file import shown_arguments, update_section
 
 from ewq_gguf import llamacpp
 from ewq_gguf.api import convert
-from ewq_gguf.calibrate import Calibration
+from ewq_gguf.calibrate import Calibration, imatrix_path_for
 from ewq_gguf.constants import DEFAULT_GPTQ_TOKENS
 from ewq_gguf.devenv import REPOSITORY, dev_model
 from ewq_gguf.plan.plan import Plan
+from ewq_gguf.validate.compare import plot_size_vs_kld, require_matplotlib
 
 RESULTS = REPOSITORY / "docs" / "results.md"
 TITLE = "GPTQ rounding"
@@ -68,7 +71,10 @@ def main() -> None:
     quantize_tool = llamacpp.tool("llama-quantize")
     if quantize_tool is None:
         sys.exit("llama-quantize not built: run vendor/build_llama_tools.sh")
+    if not args.no_write:
+        require_matplotlib()   # before the long part
     calibration = Calibration.load(args.calibration)
+    importance = imatrix_path_for(args.calibration)
     base = Path(args.base) if args.base else step(
         work / "base-F32.gguf", lambda out: convert(args.model, out, "uniform", type="F32", progress=False))
 
@@ -76,6 +82,8 @@ def main() -> None:
     for mix in args.mixes:
         peer = step(work / f"llama-{mix}.gguf", lambda out: run_measured([quantize_tool, base, out, mix, "2"]))
         rows.append((mix, "no", "llama.cpp", peer))
+        rows.append((mix, "yes", "llama.cpp", step(work / f"llama-{mix}-imatrix.gguf", lambda out: run_measured(
+            [quantize_tool, "--imatrix", importance, base, out, mix, "2"]))))
         for with_imatrix in ([True, False] if args.no_imatrix_too else [True]):
             suffix = "imatrix" if with_imatrix else "plain"
             options = {"imatrix": args.calibration} if with_imatrix else {}
@@ -110,9 +118,14 @@ def main() -> None:
                          f"({', '.join(f'{count}: {note}' for note, count in kept.items())}); output error tr((W-Q)H(W-Q)^T) summed over the rounded "
                          f"tensors {objective.get('ratio', float('nan')):.3f}x nearest's (median per tensor "
                          f"{objective.get('median_ratio', float('nan')):.3f}x)")
+        if rounding == "gptq" and imatrix == "yes":
+            peer = measured[f"llama-{mix}-imatrix.gguf"]
+            notes.append(f"{mix} size: ours (optimal plan, gptq) {report.kld / peer.kld:.3f}x the KLD of llama.cpp's "
+                         f"{mix} with the same imatrix, {report.bytes / peer.bytes:.3f}x its bytes")
         lines.append(f"| {mix} | {imatrix} | {rounding} | {report.bytes:,} | {report.bpw:.3f} | {report.kld:.5f} | "
                      f"{report.kld_se:.5f} | {100 * report.top1:.2f} | {report.ppl:.3f} | {ratio} |")
     model_name = Path(args.model).name
+    plot = None if args.no_write else plot_size_vs_kld(list(measured.values()), RESULTS.parent / f"gptq_{model_name}.png")
     body = "\n".join([
         f"Model {model_name}; calibration: {calibration.tokens} tokens of {Path(calibration.text).name} "
         f"({calibration.sensitivity_method} sensitivities), GPTQ inputs from its first {args.gptq_tokens} tokens; "
@@ -121,11 +134,14 @@ def main() -> None:
         "plan per mix, written with `--rounding nearest` and `--rounding gptq` (same types, so the same tensor data; "
         "the files differ in size only by the plan their metadata records); *gptq-sequential* adds "
         "`--gptq-sequential` (each block's inputs through the rounded blocks before it). Both roundings use the "
-        "calibration's importance matrix (`--imatrix`). Wall times are not given: the machine was shared.",
+        "calibration's importance matrix (`--imatrix`); so does llama.cpp's file with imatrix "
+        "(`llama-quantize --imatrix`). Wall times are not given here (scripts/gpu/calibrate.sh gptq8b and the "
+        "closing notes time the rounding).",
         "",
         *lines,
         "",
         *[f"- {note}" for note in notes],
+        *([] if plot is None else ["", f"![KLD against file size]({plot.name})"]),
     ])
     print(body)
     if not args.no_write:

@@ -169,3 +169,39 @@ def test_an_interrupted_rounding_resumes_with_the_same_bytes(tiny_llama, calibra
     for name in reference.encoded:
         assert np.array_equal(resumed.encoded[name], reference.encoded[name]), name
     assert resumed.objectives == reference.objectives and resumed.plan == reference.plan
+
+
+def test_experts_are_rounded_each_with_the_inputs_routed_to_it(calibration_text, tmp_path, monkeypatch):
+    """A tiny Mixtral: each expert's matrix is rounded with X^T X of the tokens its router sent it, whose diagonal is
+    that expert's importance sums (which equal llama-imatrix's, tests/test_calibrate_moe.py); each expert keeps the
+    better rounding, so no stacked tensor is worse than nearest; llama.cpp loads the file."""
+    from ewq_gguf.api import make_plan
+    from ewq_gguf.calibrate import gptq_pass
+    from testkit.tiny_models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "mixtral", "MixtralForCausalLM")
+    calibration = calibrate(folder, calibration_text, tokens=256, ctx=64, sensitivity_tokens=64, error_types=(),
+                            device="cpu", compute_dtype="float32", progress=False)
+    model = open_checkpoint(folder)
+    plan = make_plan(model, "uniform", type="Q4_K", progress=False)
+    seen: dict[str, object] = {}
+    original = gptq_pass._Hessians.matrices
+    monkeypatch.setattr(gptq_pass._Hessians, "matrices", lambda self: seen.update(original(self)) or original(self))
+    outcome = gptq_round(folder, model, plan, calibration, tokens=256)
+    experts = [name for name in seen if "_exps" in name]
+    assert len(experts) == 2 * 3                                        # 2 blocks x gate, up, down
+    for name in experts:
+        sums = calibration.imatrix.sums[name]
+        for expert, hessian in enumerate(seen[name]):
+            if hessian is None:
+                assert calibration.imatrix.counts[name][expert] == 0
+                continue
+            assert np.allclose(hessian.diagonal().numpy(), sums[expert], rtol=1e-4, atol=1e-6), (name, expert)
+        gptq, nearest = outcome.objectives[name]
+        assert gptq <= nearest
+        assert outcome.plan.by_name()[name].rounding == ("gptq" if gptq < nearest else "nearest")
+    assert sum(outcome.plan.by_name()[name].rounding == "gptq" for name in experts) >= 4
+    out = tmp_path / "mixtral-gptq.gguf"
+    convert(folder, out, "uniform", type="Q4_K", calibration=calibration, rounding="gptq", gptq_tokens=256,
+            progress=False)
+    assert np.isfinite(gguf_logits(out, [1, 5, 9, 13, 17, 21])).all()

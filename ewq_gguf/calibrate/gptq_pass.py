@@ -9,10 +9,11 @@ that the memory does not grow with the model, and an interrupted run continues f
 again with the same arguments (the calibration's WorkFolder). Every block sees the outputs of the unquantized blocks
 before it, unless `sequential`.
 
-An untied output head is rounded last, with X^T X of the final norm's outputs (the last block's outputs through the
+Stacked expert tensors are rounded expert by expert, each with X^T X of the tokens routed to that expert (the
+calibration's expert hooks, passes._ExpertInputs, find them); an expert no token reached keeps nearest rounding. An
+untied output head is rounded last, with X^T X of the final norm's outputs (the last block's outputs through the
 model's own final norm; the logits are not computed). Tensors without inputs here keep ggml's rounding, each with
-its reason in the plan: the token embedding (a table, no product; a tied head is that table), stacked expert
-tensors and float types.
+its reason in the plan: the token embedding (a table, no product; a tied head is that table) and float types.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 from ..constants import DEFAULT_GPTQ_TOKENS, OUTPUT_HEAD
 from ..errors import InputError
 from ..plan import Plan
+from ..quant import quantize
 from ..quant.gptq import GPTQ_TYPES, gptq_quantize
 from ..source.model import SourceModel
 from .calibration import Calibration
@@ -44,7 +46,6 @@ from .workfolder import WorkFolder
 # where 8192 gave 0.76x (docs/results.md)
 
 NOTE_NO_INPUTS = "no inputs collected (token embedding, tied output head)"
-NOTE_EXPERTS = "expert tensors not yet rounded by GPTQ"
 NOTE_NO_BETTER = "GPTQ no better on its objective"
 
 
@@ -104,13 +105,12 @@ def reserved_rounding(plan: Plan) -> Plan:
 
 
 def _eligible(entry) -> bool:
-    return entry.type in GPTQ_TYPES and len(entry.shape) == 2
+    """A matrix, or experts' matrices stacked, in a type with codes to choose."""
+    return entry.type in GPTQ_TYPES and len(entry.shape) in (2, 3)
 
 
 def _ineligible_note(entry) -> str:
-    if entry.type not in GPTQ_TYPES:
-        return ""   # float types: nothing is rounded
-    return NOTE_EXPERTS if len(entry.shape) != 2 else NOTE_NO_INPUTS
+    return NOTE_NO_INPUTS if _eligible(entry) else ""   # float types: nothing is rounded
 
 
 def _marked(entry, rounding: str, note: str):
@@ -160,21 +160,36 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
         work.save()
     objectives, rounding = state["objectives"], state["rounding"]
 
-    def round_weight(name: str, hessian: torch.Tensor) -> None:
+    def round_weight(name: str, hessian) -> None:
+        """hessian: one matrix, or for stacked experts one per expert (None for an expert no token reached)."""
         started = time.perf_counter()
         entry = planned[name]
         weight = source.load(source.by_name[name]).to(device=device, dtype=torch.float32)
+        experts = hessian if isinstance(hessian, list) else [hessian]
+        matrices = weight.reshape(len(experts), -1, entry.shape[-1])
         vector = importance.get(name)
+        vectors = None if vector is None else vector.reshape(-1, entry.shape[-1])
+        parts, kept, nearest, rounded = [], 0.0, 0.0, False
         with _one_thread(device):
-            result = gptq_quantize(weight.reshape(-1, entry.shape[-1]), hessian, entry.type,
-                                   None if vector is None else vector.reshape(-1)[:entry.shape[-1]], damp)
+            for expert, (matrix, expert_hessian) in enumerate(zip(matrices, experts)):
+                scale_weights = None if vectors is None else vectors[expert % vectors.shape[0]]
+                if expert_hessian is None:
+                    parts.append(quantize(matrix, entry.type, None if scale_weights is None else
+                                          scale_weights.to(device)))
+                    continue
+                result = gptq_quantize(matrix, expert_hessian, entry.type, scale_weights, damp)
+                parts.append(result.data)
+                kept += min(result.objective_gptq, result.objective_nearest)
+                nearest += result.objective_nearest
+                rounded |= result.rounding == "gptq"
         path = _tensor_path(tensors, name)
         partial = path.with_name(path.name + ".partial")
         with partial.open("wb") as stream:
-            np.save(stream, result.data.cpu().numpy())
+            np.save(stream, torch.cat(parts).cpu().numpy())
         os.replace(partial, path)
-        objectives[name] = [result.objective_gptq, result.objective_nearest]
-        rounding[name] = [result.rounding, "" if result.rounding == "gptq" else NOTE_NO_BETTER]
+        # what the file holds (each expert's better rounding) against nearest rounding throughout
+        objectives[name] = [kept, nearest]
+        rounding[name] = ["gptq", ""] if rounded else ["nearest", NOTE_NO_BETTER]
         seconds["rounding"] += time.perf_counter() - started
 
     def run_blocks(layer: torch.nn.Module, block: int, source_file, target_file) -> None:
@@ -328,12 +343,16 @@ def objective_summary(objectives: dict[str, tuple[float, float]]) -> dict[str, f
 
 
 class _Hessians:
-    """X^T X of the inputs of a block's planned linear weights, summed in float64 over the chunks."""
+    """X^T X of the inputs of a block's planned linear weights, summed in float64 over the chunks; for stacked expert
+    weights one per expert, of the tokens routed to it."""
 
     def __init__(self, model: StreamedModel, source: SourceModel, layer: torch.nn.Module, planned: dict):
         self.sums: dict[int, torch.Tensor] = {}
         self.names: dict[str, int] = {}          # planned weight -> key of its inputs' sum
         self.targets: list[tuple[torch.nn.Module, list[str]]] = []
+        self.experts: dict[int, tuple[torch.Tensor, list[str]]] = {}   # id(3-D parameter) -> it, its weights
+        self.expert_sums: dict[str, list[Optional[torch.Tensor]]] = {}
+        self.planned = planned
         self._last: Optional[tuple[torch.Tensor, int]] = None
         self.seconds = 0.0   # spent adding X^T X (the device waited for, so that the time is this work's)
         for module in layer.modules():
@@ -342,9 +361,17 @@ class _Hessians:
                          if name in planned and planned[name].shape[-1] == module.in_features]
                 if names:
                     self.targets.append((module, names))
+        prefix = model.hf_name(layer)
+        for local, parameter in layer.named_parameters():
+            names = [name for name in _gguf_names(model, source, f"{prefix}.{local}")
+                     if name in planned and len(planned[name].shape) == 3] if parameter.dim() == 3 else []
+            if names:
+                self.experts[id(parameter)] = (parameter, names)
 
     def hooks(self):
         from contextlib import ExitStack
+
+        from .passes import _ExpertInputs
 
         stack = ExitStack()
         for module, names in self.targets:
@@ -352,7 +379,13 @@ class _Hessians:
                 lambda module, args, kwargs, names=names: self._add(names, args[0] if args else kwargs["input"]),
                 with_kwargs=True)
             stack.callback(handle.remove)
+        if self.experts:
+            stack.enter_context(_ExpertInputs(self.experts, self._add_expert))
         return stack
+
+    def _product(self, inputs: torch.Tensor) -> torch.Tensor:
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        return (flat.t() @ flat).double()
 
     def _add(self, names: list[str], inputs: torch.Tensor) -> None:
         if self._last is not None and self._last[0] is inputs:   # the same input as the layer before (q, k, v)
@@ -360,8 +393,7 @@ class _Hessians:
         else:
             _wait(inputs.device)
             started = time.perf_counter()
-            flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-            product = (flat.t() @ flat).double()
+            product = self._product(inputs)
             key = len(self.sums) if not any(name in self.names for name in names) else self.names[names[0]]
             self.sums[key] = self.sums[key] + product if key in self.sums else product
             self._last = (inputs, key)
@@ -370,8 +402,19 @@ class _Hessians:
         for name in names:
             self.names[name] = key
 
-    def matrices(self) -> dict[str, torch.Tensor]:
-        return {name: self.sums[key] for name, key in self.names.items()}
+    def _add_expert(self, name: str, inputs: torch.Tensor, expert: int, n_experts: int) -> None:
+        if inputs.shape[-1] != self.planned[name].shape[-1] or not inputs.numel():
+            return   # a product with the slice that is not its weight's input (passes._ExpertInputs)
+        _wait(inputs.device)
+        started = time.perf_counter()
+        sums = self.expert_sums.setdefault(name, [None] * n_experts)
+        product = self._product(inputs)
+        sums[expert] = product if sums[expert] is None else sums[expert] + product
+        _wait(inputs.device)
+        self.seconds += time.perf_counter() - started
+
+    def matrices(self) -> dict[str, torch.Tensor | list[Optional[torch.Tensor]]]:
+        return {**{name: self.sums[key] for name, key in self.names.items()}, **self.expert_sums}
 
 
 def _wait(device: torch.device) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ewq_gguf.quant import CODECS, QType, floats, ggml_backend, quantize
+from ewq_gguf.quant.chunking import default_threads
 from scripts.common.results_file import cpu_name, update_section
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     megabytes = rows.numel() * 4 / 1e6
     cuda = torch.cuda.is_available()
     rows_cuda = rows.cuda() if cuda else None
-    cpus = ggml_backend.default_threads()
+    cpus = default_threads()
 
     device = f"{cpu_name()}, {cpus} CPUs" + (f"; {torch.cuda.get_device_name()}" if cuda else "")
     load_before = os.getloadavg()

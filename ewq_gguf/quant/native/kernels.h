@@ -1,0 +1,526 @@
+/* The encoders of the native backend, included once per instruction set by kernels_<isa>.c.
+
+Written from this package's torch codecs (kquants_affine.py, kquants_symmetric.py, legacy.py, iq4.py and the
+searches of scale_search.py), which document ggml's float32 semantics: every operation is one IEEE float32 operation
+in ggml's order, sums run left to right from ggml's start value, nearest_int is the 1.5*2**23 trick, no multiply-add
+is fused (the build passes -ffp-contract=off and no -ffast-math).
+
+Speed comes from running the same per-group arithmetic for LANES groups at once: the searches hold their groups
+transposed, element i of every group in one row x[i][0..LANES), so every loop over a group's elements becomes a loop
+over lanes that the compiler vectorizes, and the left-to-right sums of different groups run in independent lanes
+(ggml's scalar code waits on one addition chain at a time). Per super-block work (the scales of the scales) is scalar.
+
+The including file defines KERNEL(name), the name of the one exported function for its instruction set.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "types.h"
+
+#define LANES 32              /* groups searched at once */
+#define QK_K 256              /* elements of a k-quant super-block */
+#define GROUP_MAX_EPS 1e-15f  /* a group whose largest magnitude is below this is stored as zeros */
+#define ROUNDING_MAGIC 12582912.f
+
+/* ------------------------------------------------------------------ scalar helpers */
+
+static inline uint32_t float_bits(float value) { uint32_t bits; memcpy(&bits, &value, 4); return bits; }
+static inline float bits_float(uint32_t bits) { float value; memcpy(&value, &bits, 4); return value; }
+
+/* ggml's nearest_int: round half to even through the float addition of 1.5*2**23, read back as bits (also for
+   values outside its asserted range and for NaN, as ggml computes them) */
+static inline int32_t nearest_int(float value) {
+    return (int32_t)(float_bits(value + ROUNDING_MAGIC) & 0x007fffff) - 0x00400000;
+}
+
+static inline int32_t clamp_int(int32_t value, int32_t low, int32_t high) {
+    return value < low ? low : (value > high ? high : value);
+}
+
+/* ggml's fp16 of a float: round to nearest even, overflow to infinity, every NaN to 0x7E00 with its sign */
+static inline uint16_t fp16_bits(float value) {
+    uint32_t bits = float_bits(value);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000);
+    uint32_t magnitude = bits & 0x7fffffff;
+    if (magnitude > 0x7f800000) return sign | 0x7e00;
+    if (magnitude >= 0x47800000) return sign | 0x7c00;      /* 65536 and beyond, infinity */
+    if (magnitude < 0x38800000) {                          /* below 2**-14: a subnormal half, in units of 2**-24 */
+        float units = bits_float(magnitude) * 0x1p24f;     /* exact: a power-of-two scaling below 2**10 */
+        return sign | (uint16_t)(float_bits(units + 0x1p23f) - float_bits(0x1p23f));  /* rounded half to even */
+    }
+    uint32_t rounded = magnitude + 0xfff + ((magnitude >> 13) & 1);  /* to nearest even on the 13 dropped bits */
+    return sign | (uint16_t)((rounded - 0x38000000) >> 13);  /* exponent bias 127 -> 15; a carry may reach inf */
+}
+
+static inline float fp16_value(uint16_t half) {
+    uint32_t sign = (uint32_t)(half & 0x8000) << 16;
+    uint32_t exponent = (half >> 10) & 0x1f, mantissa = half & 0x3ff;
+    if (exponent == 0) {
+        float magnitude = (float)mantissa * 0x1p-24f;
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 31) return bits_float(sign | 0x7f800000 | (mantissa << 13));
+    return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+/* the float32 a value takes after the fp16 round trip of a block header */
+static inline float fp16_round(float value) { return fp16_value(fp16_bits(value)); }
+
+static inline void put_fp16(uint8_t *out, float value) {
+    uint16_t half = fp16_bits(value);
+    out[0] = (uint8_t)(half & 0xff);
+    out[1] = (uint8_t)(half >> 8);
+}
+
+/* ------------------------------------------------------------------ tiles: groups transposed into lanes */
+
+/* Element i of group g at x[i][g], for `groups` groups of n values from src; lanes beyond them hold zeros. */
+static void load_lanes(float (*x)[LANES], const float *src, int n, int groups) {
+    for (int g = 0; g < LANES; ++g)
+        for (int i = 0; i < n; ++i) x[i][g] = g < groups ? src[(int64_t)g * n + i] : 0.f;
+}
+
+/* ------------------------------------------------------------------ make_qkx2_quants / make_qkx3_quants */
+
+/* Both searches of scale and minimum for LANES groups of n values (x, weights w transposed). They differ only in
+   the flat-group test: `max == min` (qkx2) or `max <= min` (qkx3, flat_if_not_above). Returns per lane the scale,
+   ggml's *the_min, and the levels (levels[i][g], 0..nmax).
+   An accepted step moves the minimum that later steps start from, so the steps are sequential; the levels of the
+   best step are recomputed at the end from the grid (iscale, minimum) that produced them. */
+static void qkx_search(int n, int nmax, const float (*x)[LANES], const float (*w)[LANES], float rmin, float rdelta,
+                       int nstep, int use_mad, int flat_if_not_above, float *scale_out, float *the_min_out,
+                       uint8_t (*levels)[LANES]) {
+    float low[LANES], high[LANES], sum_w[LANES], sum_x[LANES];
+    float best_error[LANES], best_scale[LANES], best_min[LANES], grid_iscale[LANES], grid_min[LANES];
+    int32_t flat[LANES];
+    float trial[32][LANES];
+    for (int g = 0; g < LANES; ++g) {
+        low[g] = x[0][g];
+        high[g] = x[0][g];
+        sum_w[g] = w[0][g];
+        sum_x[g] = sum_w[g] * x[0][g];
+    }
+    for (int i = 1; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            float v = x[i][g];
+            low[g] = v < low[g] ? v : low[g];
+            high[g] = v > high[g] ? v : high[g];
+            sum_w[g] += w[i][g];
+            sum_x[g] += w[i][g] * v;
+        }
+    for (int g = 0; g < LANES; ++g) {
+        low[g] = low[g] > 0 ? 0.f : low[g];
+        flat[g] = flat_if_not_above ? high[g] <= low[g] : high[g] == low[g];
+        float iscale = (float)nmax / (high[g] - low[g]);
+        grid_iscale[g] = iscale;
+        grid_min[g] = low[g];
+        best_scale[g] = 1.f / iscale;
+        best_min[g] = low[g];
+        best_error[g] = 0.f;
+    }
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            float level = (float)clamp_int(nearest_int(grid_iscale[g] * (x[i][g] - low[g])), 0, nmax);
+            float diff = best_scale[g] * level + low[g] - x[i][g];
+            diff = use_mad ? fabsf(diff) : diff * diff;
+            best_error[g] += w[i][g] * diff;
+        }
+    for (int step = 0; step <= nstep; ++step) {
+        float numerator = rmin + rdelta * (float)step + (float)nmax;
+        float iscale[LANES], sum_l[LANES], sum_l2[LANES], sum_xl[LANES], error[LANES], this_scale[LANES],
+            this_min[LANES], det[LANES];
+        for (int g = 0; g < LANES; ++g) {
+            iscale[g] = numerator / (high[g] - best_min[g]);
+            sum_l[g] = sum_l2[g] = sum_xl[g] = 0.f;
+        }
+        for (int i = 0; i < n; ++i)
+            for (int g = 0; g < LANES; ++g) {
+                float level = (float)clamp_int(nearest_int(iscale[g] * (x[i][g] - best_min[g])), 0, nmax);
+                float weighted = w[i][g] * level;
+                trial[i][g] = level;
+                sum_l[g] += weighted;
+                sum_l2[g] += weighted * level;
+                sum_xl[g] += weighted * x[i][g];
+            }
+        for (int g = 0; g < LANES; ++g) {
+            det[g] = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g];
+            float s = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / det[g];
+            float m = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / det[g];
+            float s_without_min = sum_xl[g] / sum_l2[g];
+            this_scale[g] = m > 0 ? s_without_min : s;
+            this_min[g] = m > 0 ? 0.f : m;
+            error[g] = 0.f;
+        }
+        for (int i = 0; i < n; ++i)
+            for (int g = 0; g < LANES; ++g) {
+                float diff = this_scale[g] * trial[i][g] + this_min[g] - x[i][g];
+                diff = use_mad ? fabsf(diff) : diff * diff;
+                error[g] += w[i][g] * diff;
+            }
+        for (int g = 0; g < LANES; ++g) {
+            int better = det[g] > 0 && error[g] < best_error[g];
+            best_error[g] = better ? error[g] : best_error[g];
+            best_scale[g] = better ? this_scale[g] : best_scale[g];
+            grid_iscale[g] = better ? iscale[g] : grid_iscale[g];
+            grid_min[g] = better ? best_min[g] : grid_min[g];
+            best_min[g] = better ? this_min[g] : best_min[g];
+        }
+    }
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            int32_t level = clamp_int(nearest_int(grid_iscale[g] * (x[i][g] - grid_min[g])), 0, nmax);
+            levels[i][g] = (uint8_t)(flat[g] ? 0 : level);
+        }
+    for (int g = 0; g < LANES; ++g) {
+        scale_out[g] = flat[g] ? 0.f : best_scale[g];
+        the_min_out[g] = -(flat[g] ? low[g] : best_min[g]);
+    }
+}
+
+/* ------------------------------------------------------------------ make_qx_quants (rmse_type 1) */
+
+/* The signed search for LANES groups of n values: a first scale from the largest magnitude, then 18 trial scales
+   -(nmax + 0.1*is)/max, a trial kept where its fit sumlx^2/suml2 beats the best. Levels (0..2*nmax-1) and scale are
+   all 0 for a group whose largest magnitude is below GROUP_MAX_EPS. */
+static void qx_search(int n, int nmax, const float (*x)[LANES], const float (*w)[LANES], float *scale_out,
+                      uint8_t (*levels)[LANES]) {
+    float amax[LANES], signed_max[LANES], scale[LANES], best[LANES], best_iscale[LANES];
+    for (int g = 0; g < LANES; ++g) amax[g] = signed_max[g] = 0.f;
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            float magnitude = fabsf(x[i][g]);
+            int larger = magnitude > amax[g];
+            signed_max[g] = larger ? x[i][g] : signed_max[g];
+            amax[g] = larger ? magnitude : amax[g];
+        }
+    for (int trial = 0; trial < 19; ++trial) {
+        /* trial 0: -nmax/max; then is = -9..9 without 0 */
+        int is = trial == 0 ? 0 : (trial <= 9 ? trial - 10 : trial - 9);
+        float numerator = trial == 0 ? -(float)nmax : -((float)nmax + 0.1f * (float)is);
+        float iscale[LANES], sumlx[LANES], suml2[LANES];
+        for (int g = 0; g < LANES; ++g) {
+            iscale[g] = numerator / signed_max[g];
+            sumlx[g] = suml2[g] = 0.f;
+        }
+        for (int i = 0; i < n; ++i)
+            for (int g = 0; g < LANES; ++g) {
+                float level = (float)clamp_int(nearest_int(iscale[g] * x[i][g]), -nmax, nmax - 1);
+                sumlx[g] += w[i][g] * x[i][g] * level;
+                suml2[g] += w[i][g] * level * level;
+            }
+        for (int g = 0; g < LANES; ++g) {
+            float ratio = sumlx[g] / suml2[g];
+            if (trial == 0) {
+                scale[g] = suml2[g] != 0 ? ratio : 0.f;
+                best[g] = scale[g] * sumlx[g];
+                best_iscale[g] = iscale[g];
+            } else {
+                int better = suml2[g] > 0 && sumlx[g] * sumlx[g] > best[g] * suml2[g];
+                scale[g] = better ? ratio : scale[g];
+                best[g] = better ? ratio * sumlx[g] : best[g];
+                best_iscale[g] = better ? iscale[g] : best_iscale[g];
+            }
+        }
+    }
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            int32_t level = clamp_int(nearest_int(best_iscale[g] * x[i][g]), -nmax, nmax - 1) + nmax;
+            levels[i][g] = (uint8_t)(amax[g] < GROUP_MAX_EPS ? 0 : level);
+        }
+    for (int g = 0; g < LANES; ++g) scale_out[g] = amax[g] < GROUP_MAX_EPS ? 0.f : scale[g];
+}
+
+/* ------------------------------------------------------------------ make_qp_quants (scalar, per super-block) */
+
+/* A scale >= 0 for n non-negative values and their levels 0..nmax (stored as uint8, as ggml does), weighted. */
+static float qp_fit(int n, int nmax, const float *x, uint8_t *levels, const float *w) {
+    float max = 0.f;
+    for (int i = 0; i < n; ++i) max = max > x[i] ? max : x[i];
+    if (max < GROUP_MAX_EPS) {
+        memset(levels, 0, (size_t)n);
+        return 0.f;
+    }
+    float iscale = (float)nmax / max;
+    for (int i = 0; i < n; ++i) levels[i] = (uint8_t)nearest_int(iscale * x[i]);
+    float scale = 1.f / iscale;
+    float best_mse = 0.f;
+    for (int i = 0; i < n; ++i) {
+        float diff = x[i] - scale * (float)levels[i];
+        best_mse += w[i] * diff * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+        if (is == 0) continue;
+        float trial_iscale = (0.1f * (float)is + (float)nmax) / max;
+        float trial_scale = 1.f / trial_iscale;
+        float mse = 0.f;
+        for (int i = 0; i < n; ++i) {
+            int32_t level = nearest_int(trial_iscale * x[i]);
+            level = level < nmax ? level : nmax;
+            float diff = x[i] - trial_scale * (float)level;
+            mse += w[i] * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = trial_iscale;
+        }
+    }
+    float sumlx = 0.f, suml2 = 0.f;
+    for (int i = 0; i < n; ++i) {
+        int32_t level = nearest_int(iscale * x[i]);
+        level = level < nmax ? level : nmax;
+        levels[i] = (uint8_t)level;
+        sumlx += w[i] * x[i] * (float)level;
+        suml2 += w[i] * (float)level * (float)level;
+    }
+    for (int pass = 0; pass < 5; ++pass) {
+        int changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float current = (float)levels[i];
+            float slx = sumlx - w[i] * x[i] * current;
+            float sl2 = suml2 - w[i] * current * current;
+            if (slx > 0 && sl2 > 0) {
+                int32_t proposed = nearest_int(x[i] * sl2 / slx);
+                proposed = proposed < nmax ? proposed : nmax;
+                if (proposed != (int32_t)levels[i]) {
+                    slx += w[i] * x[i] * (float)proposed;
+                    sl2 += w[i] * (float)proposed * (float)proposed;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        levels[i] = (uint8_t)proposed;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++changed;
+                    }
+                }
+            }
+        }
+        if (!changed) break;
+    }
+    return suml2 > 0.f ? sumlx / suml2 : 0.f;
+}
+
+/* ------------------------------------------------------------------ Q4_K and Q5_K */
+
+#define K32_SUPERS (LANES / 8) /* super-blocks per tile: 8 sub-blocks of 32 each */
+
+/* The 12-byte scales field from 8 scale codes and 8 minimum codes, as ggml packs them (uint8 arithmetic). */
+static void pack_scales_6bit(uint8_t *out, const uint8_t *ls, const uint8_t *lm) {
+    for (int j = 0; j < 8; ++j) {
+        if (j < 4) {
+            out[j] = ls[j];
+            out[j + 4] = lm[j];
+        } else {
+            out[j + 4] = (uint8_t)((ls[j] & 0xF) | ((lm[j] & 0xF) << 4));
+            out[j - 4] = (uint8_t)(out[j - 4] | ((ls[j] >> 4) << 6));
+            out[j] = (uint8_t)(out[j] | ((lm[j] >> 4) << 6));
+        }
+    }
+}
+
+static void scale_min_k4(int j, const uint8_t *q, uint8_t *scale, uint8_t *minimum) {
+    if (j < 4) {
+        *scale = q[j] & 63;
+        *minimum = q[j + 4] & 63;
+    } else {
+        *scale = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *minimum = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* One tile of up to K32_SUPERS super-blocks of Q4_K (nmax 15) or Q5_K (nmax 31) from src; qw: each super-block's
+   importance (256 values) or NULL. Writes `supers` blocks of block_bytes at out. */
+static void encode_k32_tile(int nmax, const float *src, const float *const *qw, int supers, uint8_t *out,
+                            int block_bytes) {
+    float x[32][LANES], w[32][LANES], scales[LANES], the_mins[LANES], sub_weight[LANES];
+    uint8_t levels[32][LANES];
+    int with_importance = qw[0] != NULL;
+    load_lanes(x, src, 32, supers * 8);
+    if (!with_importance) {
+        /* quantize_row_q*_K_ref: weights av_x + |x|, av_x the root mean square of the sub-block */
+        float sum_x2[LANES];
+        for (int g = 0; g < LANES; ++g) sum_x2[g] = 0.f;
+        for (int i = 0; i < 32; ++i)
+            for (int g = 0; g < LANES; ++g) sum_x2[g] += x[i][g] * x[i][g];
+        for (int g = 0; g < LANES; ++g) sum_x2[g] = sqrtf(sum_x2[g] / 32);
+        for (int i = 0; i < 32; ++i)
+            for (int g = 0; g < LANES; ++g) w[i][g] = sum_x2[g] + fabsf(x[i][g]);
+        if (nmax == 15)
+            qkx_search(32, 15, (const float (*)[LANES])x, (const float (*)[LANES])w, -1.f, 0.1f, 20, 0, 0, scales,
+                       the_mins, levels);
+        else
+            qkx_search(32, 31, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.5f, 0.1f, 15, 0, 0, scales,
+                       the_mins, levels);
+    } else {
+        /* quantize_row_q*_K_impl: weights qw * sqrt(sigma2 + x^2), sigma2 = 2 * (sum of x^2 over the super-block)
+           / 256, summed left to right over its 256 values */
+        float sigma2[K32_SUPERS];
+        for (int s = 0; s < K32_SUPERS; ++s) sigma2[s] = 0.f;
+        for (int j = 0; j < 8; ++j)
+            for (int i = 0; i < 32; ++i)
+                for (int s = 0; s < K32_SUPERS; ++s) sigma2[s] += x[i][8 * s + j] * x[i][8 * s + j];
+        for (int s = 0; s < K32_SUPERS; ++s) sigma2[s] = 2 * sigma2[s] / QK_K;
+        for (int g = 0; g < LANES; ++g) {
+            const float *importance = qw[g / 8 < supers ? g / 8 : 0] + 32 * (g % 8);
+            for (int i = 0; i < 32; ++i) w[i][g] = importance[i] * sqrtf(sigma2[g / 8] + x[i][g] * x[i][g]);
+        }
+        for (int g = 0; g < LANES; ++g) sub_weight[g] = 0.f;
+        for (int i = 0; i < 32; ++i)
+            for (int g = 0; g < LANES; ++g) sub_weight[g] += w[i][g];
+        if (nmax == 15) /* a call per nmax, so that each is compiled for its constant */
+            qkx_search(32, 15, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.9f, 0.05f, 36, 0, 1, scales,
+                       the_mins, levels);
+        else
+            qkx_search(32, 31, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.9f, 0.05f, 36, 0, 1, scales,
+                       the_mins, levels);
+    }
+    for (int s = 0; s < supers; ++s) {
+        const float *values = src + (int64_t)s * QK_K;
+        uint8_t *block = out + (int64_t)s * block_bytes;
+        const float *sc = scales + 8 * s, *mn = the_mins + 8 * s;
+        uint8_t ls[8], lm[8], packed[12], level[QK_K];
+        float d, dmin;
+        if (!with_importance) {
+            float max_scale = 0.f, max_min = 0.f;
+            for (int j = 0; j < 8; ++j) {
+                if (sc[j] > max_scale) max_scale = sc[j];
+                if (mn[j] > max_min) max_min = mn[j];
+            }
+            float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+            float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+            for (int j = 0; j < 8; ++j) {
+                uint8_t a = (uint8_t)nearest_int(inv_scale * sc[j]), b = (uint8_t)nearest_int(inv_min * mn[j]);
+                ls[j] = a < 63 ? a : 63;
+                lm[j] = b < 63 ? b : 63;
+            }
+            d = max_scale / 63.f;
+            dmin = max_min / 63.f;
+        } else {
+            d = qp_fit(8, 63, sc, ls, sub_weight + 8 * s);
+            dmin = qp_fit(8, 63, mn, lm, sub_weight + 8 * s);
+            if (nmax == 31) /* quantize_row_q5_K_impl clamps the codes, q4_K's does not */
+                for (int j = 0; j < 8; ++j) {
+                    ls[j] = ls[j] < 63 ? ls[j] : 63;
+                    lm[j] = lm[j] < 63 ? lm[j] : 63;
+                }
+        }
+        memset(packed, 0, sizeof packed);
+        pack_scales_6bit(packed, ls, lm);
+        float d_stored = fp16_round(d), dmin_stored = fp16_round(dmin);
+        for (int j = 0; j < 8; ++j) {
+            uint8_t code_scale, code_min;
+            scale_min_k4(j, packed, &code_scale, &code_min);
+            float dj = d_stored * (float)code_scale;
+            float dmj = dmin_stored * (float)code_min;
+            const float *xs = values + 32 * j;
+            for (int i = 0; i < 32; ++i) {
+                int32_t fresh = clamp_int(nearest_int((xs[i] + dmj) / dj), 0, nmax);
+                level[32 * j + i] = dj != 0 ? (uint8_t)fresh : levels[i][8 * s + j];
+            }
+        }
+        put_fp16(block, d);
+        put_fp16(block + 2, dmin);
+        memcpy(block + 4, packed, 12);
+        if (nmax == 15) {
+            uint8_t *qs = block + 16;
+            for (int c = 0; c < QK_K; c += 64)
+                for (int l = 0; l < 32; ++l) *qs++ = (uint8_t)(level[c + l] | (level[c + l + 32] << 4));
+        } else {
+            uint8_t *qh = block + 16, *qs = block + 48;
+            memset(qh, 0, 32);
+            for (int c = 0, bit = 0; c < QK_K; c += 64, bit += 2)
+                for (int l = 0; l < 32; ++l) {
+                    int first = level[c + l], second = level[c + l + 32];
+                    qh[l] = (uint8_t)(qh[l] | ((first > 15) << bit) | ((second > 15) << (bit + 1)));
+                    *qs++ = (uint8_t)((first > 15 ? first - 16 : first) | ((second > 15 ? second - 16 : second) << 4));
+                }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ Q6_K */
+
+#define K16_SUPERS (LANES / 16) /* super-blocks per tile: 16 groups of 16 each */
+
+static void encode_q6_k_tile(const float *src, const float *const *qw, int supers, uint8_t *out) {
+    float x[16][LANES], w[16][LANES], scales[LANES];
+    uint8_t levels[16][LANES];
+    load_lanes(x, src, 16, supers * 16);
+    for (int g = 0; g < LANES; ++g) {
+        /* quantize_row_q6_K_impl passes the imatrix slice itself as the weights; without one, ggml uses x*x */
+        const float *importance = qw[0] ? qw[g / 16 < supers ? g / 16 : 0] + 16 * (g % 16) : NULL;
+        for (int i = 0; i < 16; ++i) w[i][g] = importance ? importance[i] : x[i][g] * x[i][g];
+    }
+    qx_search(16, 32, (const float (*)[LANES])x, (const float (*)[LANES])w, scales, levels);
+    for (int s = 0; s < supers; ++s) {
+        const float *values = src + (int64_t)s * QK_K, *sc = scales + 16 * s;
+        uint8_t *block = out + (int64_t)s * 210, level[QK_K];
+        float max_scale = 0.f, max_abs = 0.f;
+        for (int j = 0; j < 16; ++j) {
+            float magnitude = fabsf(sc[j]);
+            if (magnitude > max_abs) {
+                max_abs = magnitude;
+                max_scale = sc[j];
+            }
+        }
+        if (max_abs < GROUP_MAX_EPS) {
+            memset(block, 0, 210);
+            continue;
+        }
+        float iscale = -128.f / max_scale;
+        float d = 1.f / iscale;
+        int8_t codes[16];
+        for (int j = 0; j < 16; ++j) {
+            int32_t code = nearest_int(iscale * sc[j]);
+            codes[j] = (int8_t)(code < 127 ? code : 127);
+        }
+        float d_stored = fp16_round(d);
+        for (int j = 0; j < 16; ++j) {
+            float dj = d_stored * (float)codes[j];
+            const float *xs = values + 16 * j;
+            for (int i = 0; i < 16; ++i) {
+                int32_t fresh = clamp_int(nearest_int(xs[i] / dj), -32, 31) + 32;
+                level[16 * j + i] = dj != 0 ? (uint8_t)fresh : levels[i][16 * s + j];
+            }
+        }
+        uint8_t *ql = block, *qh = block + 128;
+        for (int c = 0; c < QK_K; c += 128, ql += 64, qh += 32)
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t *q = level + c + l;
+                ql[l] = (uint8_t)((q[0] & 0xF) | ((q[64] & 0xF) << 4));
+                ql[l + 32] = (uint8_t)((q[32] & 0xF) | ((q[96] & 0xF) << 4));
+                qh[l] = (uint8_t)((q[0] >> 4) | ((q[32] >> 4) << 2) | ((q[64] >> 4) << 4) | ((q[96] >> 4) << 6));
+            }
+        memcpy(block + 192, codes, 16);
+        put_fp16(block + 208, d);
+    }
+}
+
+/* ------------------------------------------------------------------ driver */
+
+/* Encode n_rows rows of n_per_row floats (a multiple of 256) into dst, ggml_quantize_chunk's bytes.
+   importance: n_per_row floats or NULL. Returns 0, or -1 for a type this file does not encode. */
+int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows, int64_t n_per_row,
+                        const float *importance) {
+    int supers_per_tile, block_bytes;
+    switch (type) {
+    case TYPE_Q4_K: supers_per_tile = K32_SUPERS; block_bytes = 144; break;
+    case TYPE_Q5_K: supers_per_tile = K32_SUPERS; block_bytes = 176; break;
+    case TYPE_Q6_K: supers_per_tile = K16_SUPERS; block_bytes = 210; break;
+    default: return -1;
+    }
+    int64_t per_row = n_per_row / QK_K, total = n_rows * per_row;
+    for (int64_t first = 0; first < total; first += supers_per_tile) {
+        int supers = (int)(total - first < supers_per_tile ? total - first : supers_per_tile);
+        /* each super-block's slice of the importance vector: by its place in its row */
+        const float *qw[K32_SUPERS > K16_SUPERS ? K32_SUPERS : K16_SUPERS] = {NULL};
+        if (importance)
+            for (int s = 0; s < supers; ++s) qw[s] = importance + ((first + s) % per_row) * QK_K;
+        const float *src_tile = src + first * QK_K;
+        uint8_t *dst_tile = dst + first * block_bytes;
+        if (type == TYPE_Q6_K)
+            encode_q6_k_tile(src_tile, qw, supers, dst_tile);
+        else
+            encode_k32_tile(type == TYPE_Q4_K ? 15 : 31, src_tile, qw, supers, dst_tile, block_bytes);
+    }
+    return 0;
+}

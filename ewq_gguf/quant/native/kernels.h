@@ -495,32 +495,235 @@ static void encode_q6_k_tile(const float *src, const float *const *qw, int super
     }
 }
 
+/* ------------------------------------------------------------------ Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 */
+
+/* Without importance these are ggml's *_ref encoders, cheap enough that a block's 32 values are vectorized among
+   themselves: the scans that decide the scale use order-free integer reductions on the float bits where these
+   decide alone (no NaN; for min/max no zero extreme, whose sign the first occurrence picks), else ggml's scan. */
+
+/* C's float-to-int conversion as x86-64 executes it (cvttss2si): toward zero, NaN and overflow give INT_MIN. */
+static inline int32_t truncate_int(float value) {
+    return value >= -2147483648.f && value < 2147483648.f ? (int32_t)value : INT32_MIN;
+}
+
+/* C's (int)roundf(value) on x86-64: halves away from zero; adding the float just below 0.5 with value's sign and
+   truncating is exact for every float (0.49999997 + 0.5 would round to 1). */
+static inline int32_t round_half_away(float value) {
+    return truncate_int(value + copysignf(0.49999997f, value));
+}
+
+/* Float bits as an int that orders like the float (-inf < ... < -0 < +0 < ... < inf; NaN beyond the infinities). */
+static inline int32_t ordered_bits(float value) {
+    int32_t bits = (int32_t)float_bits(value);
+    return bits ^ (int32_t)((uint32_t)(bits >> 31) >> 1);
+}
+
+static inline float ordered_float(int32_t ordered) {
+    return bits_float((uint32_t)(ordered ^ (int32_t)((uint32_t)(ordered >> 31) >> 1)));
+}
+
+/* ggml's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from 0: the first value of largest magnitude (NaN
+   never wins, a block of zeros gives +0). */
+static float first_absmax_32(const float *x) {
+    uint32_t largest = 0;
+    for (int j = 0; j < 32; ++j) {
+        uint32_t magnitude = float_bits(x[j]) & 0x7fffffff;
+        magnitude = magnitude > 0x7f800000 ? 0 : magnitude;
+        largest = magnitude > largest ? magnitude : largest;
+    }
+    if (largest == 0) return 0.f;
+    int first = 32;
+    for (int j = 31; j >= 0; --j) first = (float_bits(x[j]) & 0x7fffffff) == largest ? j : first;
+    return x[first];
+}
+
+/* ggml's `if (v < min) min = v; if (v > max) max = v;` from FLT_MAX and -FLT_MAX. */
+static void min_max_32(const float *x, float *min_out, float *max_out) {
+    int32_t low = ordered_bits(3.40282347e38f), high = ordered_bits(-3.40282347e38f), any_nan = 0;
+    for (int j = 0; j < 32; ++j) {
+        int32_t ordered = ordered_bits(x[j]);
+        any_nan |= (float_bits(x[j]) & 0x7fffffff) > 0x7f800000;
+        low = ordered < low ? ordered : low;
+        high = ordered > high ? ordered : high;
+    }
+    float min = ordered_float(low), max = ordered_float(high);
+    if (any_nan || min == 0 || max == 0) {  /* ggml's scan: NaN skipped, the first of -0 and +0 kept */
+        min = 3.40282347e38f;
+        max = -3.40282347e38f;
+        for (int j = 0; j < 32; ++j) {
+            if (x[j] < min) min = x[j];
+            if (x[j] > max) max = x[j];
+        }
+    }
+    *min_out = min;
+    *max_out = max;
+}
+
+static void q8_0_ref(const float *x, uint8_t *block) {
+    uint32_t largest = 0;
+    int any_nan = 0;
+    for (int j = 0; j < 32; ++j) {
+        uint32_t magnitude = float_bits(x[j]) & 0x7fffffff;
+        any_nan |= magnitude > 0x7f800000;
+        largest = magnitude > largest ? magnitude : largest;
+    }
+    float amax = bits_float(largest);
+    if (any_nan) {  /* ggml's `amax = MAX(amax, fabsf(v))`: a NaN is taken when met and dropped by the next value */
+        amax = 0.f;
+        for (int j = 0; j < 32; ++j) amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
+    }
+    float d = amax / 127;
+    float id = d != 0 ? 1.f / d : 0.f;
+    put_fp16(block, d);
+    for (int j = 0; j < 32; ++j) block[2 + j] = (uint8_t)round_half_away(x[j] * id);
+}
+
+/* Q4_0 (levels 8) and Q5_0 (levels 16): d = max/-levels, codes MIN(2*levels-1, (int8_t)(x/d + levels + 0.5)). */
+static void symmetric_ref(const float *x, int levels, float *d_out, int32_t *codes) {
+    float d = first_absmax_32(x) / (float)-levels;
+    float id = d != 0 ? 1.f / d : 0.f;
+    float offset = (float)levels + 0.5f;
+    for (int j = 0; j < 32; ++j) {
+        int32_t code = (int8_t)truncate_int(x[j] * id + offset);
+        codes[j] = code < 2 * levels - 1 ? code : 2 * levels - 1;
+    }
+    *d_out = d;
+}
+
+/* Q4_1 (levels 15) and Q5_1 (levels 31): d = (max - min)/levels, codes of (x - min)/d + 0.5 truncated; Q4_1 takes
+   MIN(15, (int8_t)code), Q5_1 the (uint8_t) code. */
+static void affine_ref(const float *x, int levels, float *d_out, float *min_out, int32_t *codes) {
+    float min, max;
+    min_max_32(x, &min, &max);
+    float d = (max - min) / (float)levels;
+    float id = d != 0 ? 1.f / d : 0.f;
+    for (int j = 0; j < 32; ++j) {
+        int32_t code = truncate_int((x[j] - min) * id + 0.5f);
+        codes[j] = levels == 15 ? ((int8_t)code < 15 ? (int8_t)code : 15) : (uint8_t)code;
+    }
+    *d_out = d;
+    *min_out = min;
+}
+
+/* qs of 4-bit types: code[j] | code[j+16] << 4, the whole of code[j] ORed in (ggml's *_ref store it unmasked). */
+static void pack_nibbles_16(uint8_t *qs, const int32_t *codes) {
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)((uint8_t)codes[j] | (codes[j + 16] << 4));
+}
+
+/* qh (4 bytes, bit j = bit 4 of code j) and qs (low nibbles) of 5-bit types. */
+static void pack_five_bit(uint8_t *qh, uint8_t *qs, const int32_t *codes) {
+    uint32_t high = 0;
+    for (int j = 0; j < 32; ++j) high |= (((uint32_t)(uint8_t)codes[j] & 0x10u) >> 4) << j;
+    for (int k = 0; k < 4; ++k) qh[k] = (uint8_t)(high >> (8 * k));
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(((uint8_t)codes[j] & 0x0F) | (((uint8_t)codes[j + 16] & 0x0F) << 4));
+}
+
+/* One legacy block's bytes from its scale (and minimum) and codes. */
+static void store_legacy(int type, uint8_t *block, float d, float min, const int32_t *codes) {
+    put_fp16(block, d);
+    switch (type) {
+    case TYPE_Q4_0: pack_nibbles_16(block + 2, codes); break;
+    case TYPE_Q5_0: pack_five_bit(block + 2, block + 6, codes); break;
+    case TYPE_Q4_1: put_fp16(block + 2, min); pack_nibbles_16(block + 4, codes); break;
+    case TYPE_Q5_1: put_fp16(block + 2, min); pack_five_bit(block + 4, block + 8, codes); break;
+    }
+}
+
+static void legacy_ref(int type, const float *x, uint8_t *block) {
+    int32_t codes[32];
+    float d, min = 0.f;
+    switch (type) {
+    case TYPE_Q8_0: q8_0_ref(x, block); return;
+    case TYPE_Q4_0: symmetric_ref(x, 8, &d, codes); break;
+    case TYPE_Q5_0: symmetric_ref(x, 16, &d, codes); break;
+    case TYPE_Q4_1: affine_ref(x, 15, &d, &min, codes); break;
+    default: affine_ref(x, 31, &d, &min, codes); break;
+    }
+    store_legacy(type, block, d, min, codes);
+}
+
+/* With importance (quantize_row_q*_impl): weights qw * sqrt(sigma2 + x^2), sigma2 the mean square of the block's
+   row; Q4_0/Q5_0 search with make_qx_quants, Q4_1/Q5_1 with make_qkx3_quants, LANES blocks at once. */
+static void encode_legacy_tile(int type, const float *src, const float *const *qw, const float *sigma2, int blocks,
+                               uint8_t *out, int block_bytes) {
+    if (qw[0] == NULL) {
+        for (int b = 0; b < blocks; ++b) legacy_ref(type, src + 32 * b, out + (int64_t)b * block_bytes);
+        return;
+    }
+    float x[32][LANES], w[32][LANES], scales[LANES], the_mins[LANES];
+    uint8_t levels[32][LANES];
+    load_lanes(x, src, 32, blocks);
+    for (int g = 0; g < LANES; ++g) {
+        int b = g < blocks ? g : 0;
+        for (int i = 0; i < 32; ++i) w[i][g] = qw[b][i] * sqrtf(sigma2[b] + x[i][g] * x[i][g]);
+    }
+    switch (type) {
+    case TYPE_Q4_0: qx_search(32, 8, (const float (*)[LANES])x, (const float (*)[LANES])w, scales, levels); break;
+    case TYPE_Q5_0: qx_search(32, 16, (const float (*)[LANES])x, (const float (*)[LANES])w, scales, levels); break;
+    case TYPE_Q4_1:
+        qkx_search(32, 15, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.9f, 0.05f, 36, 0, 1, scales,
+                   the_mins, levels);
+        break;
+    default:
+        qkx_search(32, 31, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.9f, 0.05f, 36, 0, 1, scales,
+                   the_mins, levels);
+    }
+    for (int b = 0; b < blocks; ++b) {
+        int32_t codes[32];
+        for (int i = 0; i < 32; ++i) codes[i] = levels[i][b];
+        int affine = type == TYPE_Q4_1 || type == TYPE_Q5_1;
+        store_legacy(type, out + (int64_t)b * block_bytes, scales[b], affine ? -the_mins[b] : 0.f, codes);
+    }
+}
+
 /* ------------------------------------------------------------------ driver */
 
-/* Encode n_rows rows of n_per_row floats (a multiple of 256) into dst, ggml_quantize_chunk's bytes.
-   importance: n_per_row floats or NULL. Returns 0, or -1 for a type this file does not encode. */
+/* Encode n_rows rows of n_per_row floats into dst, ggml_quantize_chunk's bytes (the row length a multiple of the
+   type's block). importance: n_per_row floats or NULL. Returns 0, or -1 for a type this file does not encode.
+   Blocks go through in tiles of up to LANES (super-)blocks; a tile may span rows. */
 int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows, int64_t n_per_row,
                         const float *importance) {
-    int supers_per_tile, block_bytes;
+    int elements, block_bytes, per_tile;
     switch (type) {
-    case TYPE_Q4_K: supers_per_tile = K32_SUPERS; block_bytes = 144; break;
-    case TYPE_Q5_K: supers_per_tile = K32_SUPERS; block_bytes = 176; break;
-    case TYPE_Q6_K: supers_per_tile = K16_SUPERS; block_bytes = 210; break;
+    case TYPE_Q4_K: elements = QK_K, block_bytes = 144, per_tile = K32_SUPERS; break;
+    case TYPE_Q5_K: elements = QK_K, block_bytes = 176, per_tile = K32_SUPERS; break;
+    case TYPE_Q6_K: elements = QK_K, block_bytes = 210, per_tile = K16_SUPERS; break;
+    case TYPE_Q8_0: elements = 32, block_bytes = 34, per_tile = LANES, importance = NULL; break;  /* ggml ignores it */
+    case TYPE_Q4_0: elements = 32, block_bytes = 18, per_tile = LANES; break;
+    case TYPE_Q4_1: elements = 32, block_bytes = 20, per_tile = LANES; break;
+    case TYPE_Q5_0: elements = 32, block_bytes = 22, per_tile = LANES; break;
+    case TYPE_Q5_1: elements = 32, block_bytes = 24, per_tile = LANES; break;
     default: return -1;
     }
-    int64_t per_row = n_per_row / QK_K, total = n_rows * per_row;
-    for (int64_t first = 0; first < total; first += supers_per_tile) {
-        int supers = (int)(total - first < supers_per_tile ? total - first : supers_per_tile);
-        /* each super-block's slice of the importance vector: by its place in its row */
-        const float *qw[K32_SUPERS > K16_SUPERS ? K32_SUPERS : K16_SUPERS] = {NULL};
-        if (importance)
-            for (int s = 0; s < supers; ++s) qw[s] = importance + ((first + s) % per_row) * QK_K;
-        const float *src_tile = src + first * QK_K;
+    int64_t per_row = n_per_row / elements, total = n_rows * per_row;
+    float row_sigma2 = 0.f;
+    int64_t sigma2_row = -1;
+    for (int64_t first = 0; first < total; first += per_tile) {
+        int blocks = (int)(total - first < per_tile ? total - first : per_tile);
+        /* each block's slice of the importance vector, by its place in its row, and (32-value types) the mean
+           square of its row, ggml's sigma2: the sum of x*x over the row left to right, over n_per_row */
+        const float *qw[LANES] = {NULL};
+        float sigma2[LANES];
+        for (int b = 0; importance && b < blocks; ++b) {
+            int64_t row = (first + b) / per_row;
+            qw[b] = importance + ((first + b) % per_row) * elements;
+            if (elements == 32 && row != sigma2_row) {
+                const float *values = src + row * n_per_row;
+                float sum_x2 = 0.f;
+                for (int64_t j = 0; j < n_per_row; ++j) sum_x2 += values[j] * values[j];
+                row_sigma2 = sum_x2 / (float)n_per_row;
+                sigma2_row = row;
+            }
+            sigma2[b] = row_sigma2;
+        }
+        const float *src_tile = src + first * elements;
         uint8_t *dst_tile = dst + first * block_bytes;
-        if (type == TYPE_Q6_K)
-            encode_q6_k_tile(src_tile, qw, supers, dst_tile);
-        else
-            encode_k32_tile(type == TYPE_Q4_K ? 15 : 31, src_tile, qw, supers, dst_tile, block_bytes);
+        switch (type) {
+        case TYPE_Q4_K: encode_k32_tile(15, src_tile, qw, blocks, dst_tile, block_bytes); break;
+        case TYPE_Q5_K: encode_k32_tile(31, src_tile, qw, blocks, dst_tile, block_bytes); break;
+        case TYPE_Q6_K: encode_q6_k_tile(src_tile, qw, blocks, dst_tile); break;
+        default: encode_legacy_tile(type, src_tile, qw, sigma2, blocks, dst_tile, block_bytes);
+        }
     }
     return 0;
 }

@@ -1,6 +1,11 @@
 /* The ggml types (numbers of enum ggml_type) that kernels.h encodes: the one list of them. The Python side reads it
    as _native.TYPES and checks the numbers against gguf-py's. */
+#define TYPE_Q4_0 2
+#define TYPE_Q4_1 3
+#define TYPE_Q5_0 6
+#define TYPE_Q5_1 7
+#define TYPE_Q8_0 8
 #define TYPE_Q4_K 12
 #define TYPE_Q5_K 13
 #define TYPE_Q6_K 14
-#define ENCODED_TYPES {TYPE_Q4_K, TYPE_Q5_K, TYPE_Q6_K}
+#define ENCODED_TYPES {TYPE_Q4_0, TYPE_Q4_1, TYPE_Q5_0, TYPE_Q5_1, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q5_K, TYPE_Q6_K}

@@ -64,6 +64,16 @@ static inline float fp16_value(uint16_t half) {
     return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
 }
 
+/* Float bits as an int that orders like the float (-inf < ... < -0 < +0 < ... < inf; NaN beyond the infinities). */
+static inline int32_t ordered_bits(float value) {
+    int32_t bits = (int32_t)float_bits(value);
+    return bits ^ (int32_t)((uint32_t)(bits >> 31) >> 1);
+}
+
+static inline float ordered_float(int32_t ordered) {
+    return bits_float((uint32_t)(ordered ^ (int32_t)((uint32_t)(ordered >> 31) >> 1)));
+}
+
 /* the float32 a value takes after the fp16 round trip of a block header */
 static inline float fp16_round(float value) { return fp16_value(fp16_bits(value)); }
 
@@ -495,6 +505,219 @@ static void encode_q6_k_tile(const float *src, const float *const *qw, int super
     }
 }
 
+/* ------------------------------------------------------------------ Q2_K */
+
+static void encode_q2_k_tile(const float *src, const float *const *qw, int supers, uint8_t *out) {
+    float x[16][LANES], w[16][LANES], scales[LANES], the_mins[LANES], sub_weight[LANES];
+    uint8_t levels[16][LANES];
+    int with_importance = qw[0] != NULL;
+    load_lanes(x, src, 16, supers * 16);
+    if (!with_importance) {
+        /* quantize_row_q2_K_ref: weights |x|, the search minimizes absolute errors */
+        for (int i = 0; i < 16; ++i)
+            for (int g = 0; g < LANES; ++g) w[i][g] = fabsf(x[i][g]);
+        qkx_search(16, 3, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.5f, 0.1f, 15, 1, 0, scales,
+                   the_mins, levels);
+    } else {
+        /* quantize_row_q2_K_impl: weights qw * sqrt(sigma2 + x^2), sigma2 the super-block's mean square */
+        float sigma2[K16_SUPERS];
+        for (int s = 0; s < K16_SUPERS; ++s) sigma2[s] = 0.f;
+        for (int j = 0; j < 16; ++j)
+            for (int i = 0; i < 16; ++i)
+                for (int s = 0; s < K16_SUPERS; ++s) sigma2[s] += x[i][16 * s + j] * x[i][16 * s + j];
+        for (int s = 0; s < K16_SUPERS; ++s) sigma2[s] = sigma2[s] / QK_K;
+        for (int g = 0; g < LANES; ++g) {
+            const float *importance = qw[g / 16 < supers ? g / 16 : 0] + 16 * (g % 16);
+            for (int i = 0; i < 16; ++i) w[i][g] = importance[i] * sqrtf(sigma2[g / 16] + x[i][g] * x[i][g]);
+        }
+        for (int g = 0; g < LANES; ++g) sub_weight[g] = 0.f;
+        for (int i = 0; i < 16; ++i)
+            for (int g = 0; g < LANES; ++g) sub_weight[g] += w[i][g];
+        qkx_search(16, 3, (const float (*)[LANES])x, (const float (*)[LANES])w, -0.9f, 0.05f, 36, 0, 1, scales,
+                   the_mins, levels);
+    }
+    for (int s = 0; s < supers; ++s) {
+        const float *values = src + (int64_t)s * QK_K, *sc = scales + 16 * s, *mn = the_mins + 16 * s;
+        uint8_t *block = out + (int64_t)s * 84, *codes = block, level[QK_K];
+        float d, dmin;
+        if (!with_importance) {
+            float max_scale = 0.f, max_min = 0.f;
+            for (int j = 0; j < 16; ++j) {
+                if (sc[j] > max_scale) max_scale = sc[j];
+                if (mn[j] > max_min) max_min = mn[j];
+            }
+            for (int j = 0; j < 16; ++j) codes[j] = max_scale > 0 ? (uint8_t)nearest_int(15.f / max_scale * sc[j]) : 0;
+            d = max_scale > 0 ? max_scale / 15.f : 0.f;
+            if (max_min > 0)
+                for (int j = 0; j < 16; ++j)
+                    codes[j] = (uint8_t)(codes[j] | (nearest_int(15.f / max_min * mn[j]) << 4));
+            dmin = max_min > 0 ? max_min / 15.f : 0.f;
+        } else {
+            uint8_t ls[16], lm[16];
+            d = qp_fit(16, 15, sc, ls, sub_weight + 16 * s);
+            dmin = qp_fit(16, 15, mn, lm, sub_weight + 16 * s);
+            for (int j = 0; j < 16; ++j) codes[j] = (uint8_t)(ls[j] | (lm[j] << 4));
+        }
+        float d_stored = fp16_round(d), dmin_stored = fp16_round(dmin);
+        for (int j = 0; j < 16; ++j) {
+            float dj = d_stored * (float)(codes[j] & 0xF);
+            float dmj = dmin_stored * (float)(codes[j] >> 4);
+            const float *xs = values + 16 * j;
+            for (int i = 0; i < 16; ++i) {
+                int32_t fresh = clamp_int(nearest_int((xs[i] + dmj) / dj), 0, 3);
+                level[16 * j + i] = dj != 0 ? (uint8_t)fresh : levels[i][16 * s + j];
+            }
+        }
+        uint8_t *qs = block + 16;
+        for (int c = 0; c < QK_K; c += 128)
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t *q = level + c + l;
+                qs[c / 4 + l] = (uint8_t)(q[0] | (q[32] << 2) | (q[64] << 4) | (q[96] << 6));
+            }
+        put_fp16(block + 80, d);
+        put_fp16(block + 82, dmin);
+    }
+}
+
+/* ------------------------------------------------------------------ IQ4_NL and IQ4_XS */
+
+/* ggml's kvalues_iq4nl, the non-linear 4-bit grid */
+static const float IQ4_GRID[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* ggml's best_index_int8 on the grid: its tie test `x - grid[k] < grid[k+1] - x` flips exactly at the midpoint of
+   the neighbours (no rounding in those subtractions reaches the comparison; tests/test_quant_iq4.py checks the
+   midpoints and their float neighbours), so the index is the count of the 15 midpoints at or below x; NaN gives 15, as
+   ggml's bisection does. Everything is integer arithmetic on the float's bits (ordered_bits; no midpoint is zero,
+   so -0 and +0 agree), which gcc vectorizes where float comparisons that may meet NaN stay branches. */
+#define IQ4_AT_OR_ABOVE(midpoint, step) (-(int32_t)(ordered >= ordered_bits(midpoint)) & (step))
+
+/* the index (steps of 1) or the grid value (steps between neighbours) */
+#define IQ4_SUM(start, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14)                              \
+    ((start) + IQ4_AT_OR_ABOVE(-115.5f, s0) + IQ4_AT_OR_ABOVE(-93.5f, s1) + IQ4_AT_OR_ABOVE(-74.f, s2) +             \
+     IQ4_AT_OR_ABOVE(-57.f, s3) + IQ4_AT_OR_ABOVE(-42.f, s4) + IQ4_AT_OR_ABOVE(-28.5f, s5) +                         \
+     IQ4_AT_OR_ABOVE(-16.f, s6) + IQ4_AT_OR_ABOVE(-4.5f, s7) + IQ4_AT_OR_ABOVE(7.f, s8) + IQ4_AT_OR_ABOVE(19.f, s9) + \
+     IQ4_AT_OR_ABOVE(31.5f, s10) + IQ4_AT_OR_ABOVE(45.5f, s11) + IQ4_AT_OR_ABOVE(61.f, s12) +                        \
+     IQ4_AT_OR_ABOVE(79.f, s13) + IQ4_AT_OR_ABOVE(101.f, s14))
+
+/* -1 for NaN, else 0: a mask, since gcc turns a conditional on it into a branch that stops vectorization */
+static inline int32_t nan_mask(float x) { return -(int32_t)((float_bits(x) & 0x7fffffff) > 0x7f800000); }
+
+static inline int32_t iq4_index(float x) {
+    int32_t ordered = ordered_bits(x), nan = nan_mask(x);
+    return (IQ4_SUM(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1) & ~nan) | (15 & nan);
+}
+
+/* IQ4_GRID[iq4_index(x)] without a table lookup (which would not vectorize) */
+static inline float iq4_value(float x) {
+    int32_t ordered = ordered_bits(x), nan = nan_mask(x);
+    return (float)((IQ4_SUM(-127, 23, 21, 18, 16, 14, 13, 12, 11, 12, 12, 13, 15, 16, 20, 24) & ~nan) | (113 & nan));
+}
+
+/* quantize_row_iq4_nl_impl's scale of LANES blocks of 32: from the largest magnitude, then 15 trial scales
+   (itry - 127)/max, a trial kept where its fit sumqx^2/sumq2 beats the best; 0 for a block below GROUP_MAX_EPS. */
+static void iq4_search(const float (*x)[LANES], const float (*w)[LANES], float *scale_out) {
+    float amax[LANES], signed_max[LANES], scale[LANES], best[LANES];
+    for (int g = 0; g < LANES; ++g) amax[g] = signed_max[g] = 0.f;
+    for (int i = 0; i < 32; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            float magnitude = fabsf(x[i][g]);
+            int larger = magnitude > amax[g];
+            signed_max[g] = larger ? x[i][g] : signed_max[g];
+            amax[g] = larger ? magnitude : amax[g];
+        }
+    for (int trial = 0; trial <= 15; ++trial) {
+        float id[LANES], sumqx[LANES], sumq2[LANES];
+        for (int g = 0; g < LANES; ++g) {
+            id[g] = trial == 0 ? 1.f / (-signed_max[g] / IQ4_GRID[0]) : (float)(trial - 8 - 127) / signed_max[g];
+            sumqx[g] = sumq2[g] = 0.f;
+        }
+        for (int i = 0; i < 32; ++i)
+            for (int g = 0; g < LANES; ++g) {
+                float q = iq4_value(id[g] * x[i][g]);
+                sumqx[g] += w[i][g] * q * x[i][g];
+                sumq2[g] += w[i][g] * q * q;
+            }
+        for (int g = 0; g < LANES; ++g) {
+            float ratio = sumqx[g] / sumq2[g];
+            if (trial == 0) {
+                scale[g] = sumq2[g] > 0 ? ratio : 0.f;
+                best[g] = scale[g] * sumqx[g];
+            } else {
+                int better = sumq2[g] > 0 && sumqx[g] * sumqx[g] > best[g] * sumq2[g];
+                scale[g] = better ? ratio : scale[g];
+                best[g] = better ? ratio * sumqx[g] : best[g];
+            }
+        }
+    }
+    for (int g = 0; g < LANES; ++g) scale_out[g] = amax[g] < GROUP_MAX_EPS ? 0.f : scale[g];
+}
+
+/* 16 bytes of codes: code[j] | code[j+16] << 4 */
+static void iq4_pack(uint8_t *qs, const float *x, float inverse) {
+    uint8_t code[32];
+    for (int j = 0; j < 32; ++j) code[j] = (uint8_t)iq4_index(inverse * x[j]);
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(code[j] | (code[j + 16] << 4));
+}
+
+/* IQ4_NL (super_block 32: LANES blocks) or IQ4_XS (256: LANES/8 super-blocks of 8 blocks) */
+static void encode_iq4_tile(int super_block, const float *src, const float *const *qw, int supers, uint8_t *out) {
+    float x[32][LANES], w[32][LANES], scales[LANES];
+    int blocks = supers * super_block / 32, per_super = super_block / 32;
+    load_lanes(x, src, 32, blocks);
+    /* weights x^2, or qw * sqrt(sigma2 + x^2) with sigma2 = 2/super_block * the super-block's sum of x^2 */
+    float sigma2[LANES];
+    for (int g = 0; g < LANES; ++g) sigma2[g] = 0.f;
+    if (qw[0] != NULL) {
+        for (int j = 0; j < per_super; ++j)
+            for (int i = 0; i < 32; ++i)
+                for (int s = 0; s < LANES / per_super; ++s)
+                    sigma2[s] += x[i][per_super * s + j] * x[i][per_super * s + j];
+        for (int s = 0; s < LANES / per_super; ++s) sigma2[s] *= 2.f / (float)super_block;
+    }
+    for (int g = 0; g < LANES; ++g) {
+        int s = g / per_super;
+        const float *importance = qw[0] ? qw[s < supers ? s : 0] + 32 * (g % per_super) : NULL;
+        for (int i = 0; i < 32; ++i)
+            w[i][g] = importance ? importance[i] * sqrtf(sigma2[s] + x[i][g] * x[i][g]) : x[i][g] * x[i][g];
+    }
+    iq4_search((const float (*)[LANES])x, (const float (*)[LANES])w, scales);
+    if (super_block == 32) {
+        for (int b = 0; b < blocks; ++b) {
+            uint8_t *block = out + (int64_t)b * 18;
+            put_fp16(block, scales[b]);
+            iq4_pack(block + 2, src + 32 * b, scales[b] != 0 ? 1.f / scales[b] : 0.f);
+        }
+        return;
+    }
+    for (int s = 0; s < supers; ++s) {
+        uint8_t *block = out + (int64_t)s * 136;
+        const float *sc = scales + 8 * s;
+        float max_scale = 0.f, amax_scale = 0.f;
+        for (int b = 0; b < 8; ++b) {
+            float magnitude = fabsf(sc[b]);
+            if (magnitude > amax_scale) {
+                amax_scale = magnitude;
+                max_scale = sc[b];
+            }
+        }
+        float d = -max_scale / 32;
+        float id = d != 0 ? 1.f / d : 0.f;
+        uint16_t scales_high = 0;
+        memset(block + 4, 0, 4);
+        for (int b = 0; b < 8; ++b) {
+            int32_t l = clamp_int(nearest_int(id * sc[b]), -32, 31);
+            float dl = d * (float)l;
+            iq4_pack(block + 8 + 16 * b, src + (int64_t)s * QK_K + 32 * b, dl != 0 ? 1.f / dl : 0.f);
+            l += 32;
+            block[4 + b / 2] = (uint8_t)(block[4 + b / 2] | ((l & 0xF) << (4 * (b % 2))));
+            scales_high = (uint16_t)(scales_high | ((l >> 4) << (2 * b)));
+        }
+        put_fp16(block, d);
+        block[2] = (uint8_t)(scales_high & 0xFF);
+        block[3] = (uint8_t)(scales_high >> 8);
+    }
+}
+
 /* ------------------------------------------------------------------ Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 */
 
 /* Without importance these are ggml's *_ref encoders, cheap enough that a block's 32 values are vectorized among
@@ -510,16 +733,6 @@ static inline int32_t truncate_int(float value) {
    truncating is exact for every float (0.49999997 + 0.5 would round to 1). */
 static inline int32_t round_half_away(float value) {
     return truncate_int(value + copysignf(0.49999997f, value));
-}
-
-/* Float bits as an int that orders like the float (-inf < ... < -0 < +0 < ... < inf; NaN beyond the infinities). */
-static inline int32_t ordered_bits(float value) {
-    int32_t bits = (int32_t)float_bits(value);
-    return bits ^ (int32_t)((uint32_t)(bits >> 31) >> 1);
-}
-
-static inline float ordered_float(int32_t ordered) {
-    return bits_float((uint32_t)(ordered ^ (int32_t)((uint32_t)(ordered >> 31) >> 1)));
 }
 
 /* ggml's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from 0: the first value of largest magnitude (NaN
@@ -688,6 +901,9 @@ int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows
     case TYPE_Q4_K: elements = QK_K, block_bytes = 144, per_tile = K32_SUPERS; break;
     case TYPE_Q5_K: elements = QK_K, block_bytes = 176, per_tile = K32_SUPERS; break;
     case TYPE_Q6_K: elements = QK_K, block_bytes = 210, per_tile = K16_SUPERS; break;
+    case TYPE_Q2_K: elements = QK_K, block_bytes = 84, per_tile = K16_SUPERS; break;
+    case TYPE_IQ4_XS: elements = QK_K, block_bytes = 136, per_tile = K32_SUPERS; break;
+    case TYPE_IQ4_NL: elements = 32, block_bytes = 18, per_tile = LANES; break;
     case TYPE_Q8_0: elements = 32, block_bytes = 34, per_tile = LANES, importance = NULL; break;  /* ggml ignores it */
     case TYPE_Q4_0: elements = 32, block_bytes = 18, per_tile = LANES; break;
     case TYPE_Q4_1: elements = 32, block_bytes = 20, per_tile = LANES; break;
@@ -700,14 +916,14 @@ int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows
     int64_t sigma2_row = -1;
     for (int64_t first = 0; first < total; first += per_tile) {
         int blocks = (int)(total - first < per_tile ? total - first : per_tile);
-        /* each block's slice of the importance vector, by its place in its row, and (32-value types) the mean
-           square of its row, ggml's sigma2: the sum of x*x over the row left to right, over n_per_row */
+        /* each block's slice of the importance vector, by its place in its row, and (Q4_0..Q5_1) the mean square
+           of its row, ggml's sigma2: the sum of x*x over the row left to right, over n_per_row */
         const float *qw[LANES] = {NULL};
         float sigma2[LANES];
         for (int b = 0; importance && b < blocks; ++b) {
             int64_t row = (first + b) / per_row;
             qw[b] = importance + ((first + b) % per_row) * elements;
-            if (elements == 32 && row != sigma2_row) {
+            if (elements == 32 && type != TYPE_IQ4_NL && row != sigma2_row) {
                 const float *values = src + row * n_per_row;
                 float sum_x2 = 0.f;
                 for (int64_t j = 0; j < n_per_row; ++j) sum_x2 += values[j] * values[j];
@@ -722,6 +938,9 @@ int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows
         case TYPE_Q4_K: encode_k32_tile(15, src_tile, qw, blocks, dst_tile, block_bytes); break;
         case TYPE_Q5_K: encode_k32_tile(31, src_tile, qw, blocks, dst_tile, block_bytes); break;
         case TYPE_Q6_K: encode_q6_k_tile(src_tile, qw, blocks, dst_tile); break;
+        case TYPE_Q2_K: encode_q2_k_tile(src_tile, qw, blocks, dst_tile); break;
+        case TYPE_IQ4_NL: encode_iq4_tile(32, src_tile, qw, blocks, dst_tile); break;
+        case TYPE_IQ4_XS: encode_iq4_tile(QK_K, src_tile, qw, blocks, dst_tile); break;
         default: encode_legacy_tile(type, src_tile, qw, sigma2, blocks, dst_tile, block_bytes);
         }
     }

@@ -3,7 +3,9 @@ experimental): the native backend's encoders (ewq_gguf/quant/native_backend.py),
 
 Optional: where they do not compile, the install goes on and ggml's encoders do the CPU's work. -ffp-contract=off and
 no -ffast-math keep every float operation one IEEE float32 operation in ggml's order (gcc fuses multiply-adds by
-default on targets that have them); -fno-math-errno only lets sqrtf vectorize (it is correctly rounded either way).
+default on targets that have them). Two flags change no value and only let loops over lanes vectorize:
+-fno-math-errno (sqrtf is correctly rounded either way, errno is never read) and -fno-trapping-math (a select
+between two floats may compute both; nothing here or in Python enables floating-point traps).
 """
 from setuptools import Extension, setup
 
@@ -13,6 +15,6 @@ setup(ext_modules=[Extension(
     "ewq_gguf.quant._native",
     sources=[NATIVE + name for name in ("module.c", "kernels_baseline.c", "kernels_avx2.c", "kernels_avx512.c")],
     depends=[NATIVE + "kernels.h", NATIVE + "types.h"],
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-std=c11"],
     optional=True,
 )])

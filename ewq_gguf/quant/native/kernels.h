@@ -98,7 +98,7 @@ static void load_lanes(float (*x)[LANES], const float *src, int n, int groups) {
    ggml's *the_min, and the levels (levels[i][g], 0..nmax).
    An accepted step moves the minimum that later steps start from, so the steps are sequential; the levels of the
    best step are recomputed at the end from the grid (iscale, minimum) that produced them. */
-static void qkx_search(int n, int nmax, const float (*x)[LANES], const float (*w)[LANES], float rmin, float rdelta,
+static inline __attribute__((always_inline)) void qkx_search(int n, int nmax, const float (*x)[LANES], const float (*w)[LANES], float rmin, float rdelta,
                        int nstep, int use_mad, int flat_if_not_above, float *scale_out, float *the_min_out,
                        uint8_t (*levels)[LANES]) {
     float low[LANES], high[LANES], sum_w[LANES], sum_x[LANES];
@@ -193,7 +193,7 @@ static void qkx_search(int n, int nmax, const float (*x)[LANES], const float (*w
 /* The signed search for LANES groups of n values: a first scale from the largest magnitude, then 18 trial scales
    -(nmax + 0.1*is)/max, a trial kept where its fit sumlx^2/suml2 beats the best. Levels (0..2*nmax-1) and scale are
    all 0 for a group whose largest magnitude is below GROUP_MAX_EPS. */
-static void qx_search(int n, int nmax, const float (*x)[LANES], const float (*w)[LANES], float *scale_out,
+static inline __attribute__((always_inline)) void qx_search(int n, int nmax, const float (*x)[LANES], const float (*w)[LANES], float *scale_out,
                       uint8_t (*levels)[LANES]) {
     float amax[LANES], signed_max[LANES], scale[LANES], best[LANES], best_iscale[LANES];
     for (int g = 0; g < LANES; ++g) amax[g] = signed_max[g] = 0.f;
@@ -502,6 +502,143 @@ static void encode_q6_k_tile(const float *src, const float *const *qw, int super
             }
         memcpy(block + 192, codes, 16);
         put_fp16(block + 208, d);
+    }
+}
+
+/* ------------------------------------------------------------------ Q3_K */
+
+/* make_q3_quants(16, nmax 4, do_rmse) for LANES groups: levels from the largest magnitude, then up to 5 passes that
+   move one level at a time where the weighted fit (weights x^2) improves. A pass that changes nothing in a group
+   leaves its state as it was, so running every lane until no lane changes is ggml's per-group early exit. */
+static void q3_search(const float (*x)[LANES], float *scale_out, uint8_t (*levels)[LANES]) {
+    float amax[LANES], signed_max[LANES], iscale[LANES], sumlx[LANES], suml2[LANES], level[16][LANES];
+    for (int g = 0; g < LANES; ++g) amax[g] = signed_max[g] = sumlx[g] = suml2[g] = 0.f;
+    for (int i = 0; i < 16; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            float magnitude = fabsf(x[i][g]);
+            int larger = magnitude > amax[g];
+            signed_max[g] = larger ? x[i][g] : signed_max[g];
+            amax[g] = larger ? magnitude : amax[g];
+        }
+    for (int g = 0; g < LANES; ++g) iscale[g] = -4.f / signed_max[g];
+    for (int i = 0; i < 16; ++i)
+        for (int g = 0; g < LANES; ++g) {
+            float l = (float)clamp_int(nearest_int(iscale[g] * x[i][g]), -4, 3), w = x[i][g] * x[i][g];
+            level[i][g] = l;
+            sumlx[g] += w * x[i][g] * l;
+            suml2[g] += w * l * l;
+        }
+    for (int pass = 0; pass < 5; ++pass) {
+        int32_t changed = 0;
+        for (int i = 0; i < 16; ++i)
+            for (int g = 0; g < LANES; ++g) {
+                float w = x[i][g] * x[i][g], current = level[i][g];
+                float slx = sumlx[g] - w * x[i][g] * current;
+                float sl2 = suml2[g] - w * current * current;
+                float proposed = (float)clamp_int(nearest_int(x[i][g] * sl2 / slx), -4, 3);
+                float new_slx = slx + w * x[i][g] * proposed;
+                float new_sl2 = sl2 + w * proposed * proposed;
+                int32_t accept = (slx > 0) & (proposed != current) & (new_sl2 > 0) &
+                                 (new_slx * new_slx * suml2[g] > sumlx[g] * sumlx[g] * new_sl2);
+                level[i][g] = accept ? proposed : current;
+                sumlx[g] = accept ? new_slx : sumlx[g];
+                suml2[g] = accept ? new_sl2 : suml2[g];
+                changed |= accept;
+            }
+        if (!changed) break;
+    }
+    for (int i = 0; i < 16; ++i)
+        for (int g = 0; g < LANES; ++g) levels[i][g] = (uint8_t)(amax[g] < GROUP_MAX_EPS ? 0 : (int32_t)level[i][g] + 4);
+    for (int g = 0; g < LANES; ++g)
+        scale_out[g] = amax[g] < GROUP_MAX_EPS ? 0.f : (suml2[g] > 0 ? sumlx[g] / suml2[g] : 0.f);
+}
+
+static void encode_q3_k_tile(const float *src, const float *const *qw, int supers, uint8_t *out) {
+    float x[16][LANES], scales[LANES], block_scales[LANES];
+    uint8_t levels[16][LANES], codes[16][LANES];
+    load_lanes(x, src, 16, supers * 16);
+    if (qw[0] == NULL) {
+        q3_search((const float (*)[LANES])x, scales, levels);
+    } else {
+        /* quantize_row_q3_K_impl: weights qw * sqrt(sigma2 + x^2), sigma2 = 2 * the super-block's mean square;
+           make_qx_quants per group, then again over each super-block's 16 group scales weighted by the groups'
+           total weights (one lane per super-block) */
+        float w[16][LANES], sigma2[K16_SUPERS], group_scales[16][LANES], group_weights[16][LANES];
+        for (int s = 0; s < K16_SUPERS; ++s) sigma2[s] = 0.f;
+        for (int j = 0; j < 16; ++j)
+            for (int i = 0; i < 16; ++i)
+                for (int s = 0; s < K16_SUPERS; ++s) sigma2[s] += x[i][16 * s + j] * x[i][16 * s + j];
+        for (int s = 0; s < K16_SUPERS; ++s) sigma2[s] = 2 * sigma2[s] / QK_K;
+        for (int g = 0; g < LANES; ++g) {
+            const float *importance = qw[g / 16 < supers ? g / 16 : 0] + 16 * (g % 16);
+            for (int i = 0; i < 16; ++i) w[i][g] = importance[i] * sqrtf(sigma2[g / 16] + x[i][g] * x[i][g]);
+        }
+        qx_search(16, 4, (const float (*)[LANES])x, (const float (*)[LANES])w, scales, levels);
+        memset(group_scales, 0, sizeof group_scales);
+        memset(group_weights, 0, sizeof group_weights);
+        for (int g = 0; g < LANES; ++g) {
+            float sum_w = 0.f;
+            for (int i = 0; i < 16; ++i) sum_w += w[i][g];
+            group_scales[g % 16][g / 16] = scales[g];
+            group_weights[g % 16][g / 16] = sum_w;
+        }
+        qx_search(16, 32, (const float (*)[LANES])group_scales, (const float (*)[LANES])group_weights, block_scales,
+                  codes);
+    }
+    for (int s = 0; s < supers; ++s) {
+        const float *values = src + (int64_t)s * QK_K, *sc = scales + 16 * s;
+        uint8_t *block = out + (int64_t)s * 110, *packed = block + 96, level[QK_K];
+        float d;
+        memset(packed, 0, 12);
+        int32_t stored[16];
+        if (qw[0] == NULL) {
+            float max_scale = 0.f, amax = 0.f;
+            for (int j = 0; j < 16; ++j) {
+                float magnitude = fabsf(sc[j]);
+                if (magnitude > amax) {
+                    amax = magnitude;
+                    max_scale = sc[j];
+                }
+            }
+            float iscale = -32.f / max_scale;
+            for (int j = 0; j < 16; ++j) {
+                int8_t l = (int8_t)nearest_int(iscale * sc[j]);
+                stored[j] = max_scale != 0 ? (l < -32 ? -32 : (l > 31 ? 31 : l)) + 32 : 0;
+            }
+            d = max_scale != 0 ? 1.f / iscale : 0.f;
+        } else {
+            for (int j = 0; j < 16; ++j) stored[j] = codes[j][s];
+            d = block_scales[s];
+        }
+        for (int j = 0; j < 16; ++j) {
+            int32_t l = stored[j];
+            packed[j % 8] = (uint8_t)(packed[j % 8] | ((l & 0xF) << (j < 8 ? 0 : 4)));
+            packed[8 + j % 4] = (uint8_t)(packed[8 + j % 4] | ((l >> 4) << (2 * (j / 4))));
+        }
+        float d_stored = fp16_round(d);
+        for (int j = 0; j < 16; ++j) {
+            int8_t code = (int8_t)(((j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4) |
+                                    (((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+            float dj = d_stored * (float)code;
+            const float *xs = values + 16 * j;
+            for (int i = 0; i < 16; ++i) {
+                int32_t fresh = clamp_int(nearest_int(xs[i] / dj), -4, 3) + 4;
+                level[16 * j + i] = dj != 0 ? (uint8_t)fresh : levels[i][16 * s + j];
+            }
+        }
+        uint8_t *hmask = block, *qs = block + 32;
+        memset(hmask, 0, 32);
+        for (int j = 0; j < QK_K; ++j)
+            if (level[j] > 3) {
+                hmask[j % 32] = (uint8_t)(hmask[j % 32] | (1 << (j / 32)));
+                level[j] = (uint8_t)(level[j] - 4);
+            }
+        for (int c = 0; c < QK_K; c += 128)
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t *q = level + c + l;
+                qs[c / 4 + l] = (uint8_t)(q[0] | (q[32] << 2) | (q[64] << 4) | (q[96] << 6));
+            }
+        put_fp16(block + 108, d);
     }
 }
 
@@ -902,6 +1039,7 @@ int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows
     case TYPE_Q5_K: elements = QK_K, block_bytes = 176, per_tile = K32_SUPERS; break;
     case TYPE_Q6_K: elements = QK_K, block_bytes = 210, per_tile = K16_SUPERS; break;
     case TYPE_Q2_K: elements = QK_K, block_bytes = 84, per_tile = K16_SUPERS; break;
+    case TYPE_Q3_K: elements = QK_K, block_bytes = 110, per_tile = K16_SUPERS; break;
     case TYPE_IQ4_XS: elements = QK_K, block_bytes = 136, per_tile = K32_SUPERS; break;
     case TYPE_IQ4_NL: elements = 32, block_bytes = 18, per_tile = LANES; break;
     case TYPE_Q8_0: elements = 32, block_bytes = 34, per_tile = LANES, importance = NULL; break;  /* ggml ignores it */
@@ -939,6 +1077,7 @@ int KERNEL(encode_rows)(int type, const float *src, uint8_t *dst, int64_t n_rows
         case TYPE_Q5_K: encode_k32_tile(31, src_tile, qw, blocks, dst_tile, block_bytes); break;
         case TYPE_Q6_K: encode_q6_k_tile(src_tile, qw, blocks, dst_tile); break;
         case TYPE_Q2_K: encode_q2_k_tile(src_tile, qw, blocks, dst_tile); break;
+        case TYPE_Q3_K: encode_q3_k_tile(src_tile, qw, blocks, dst_tile); break;
         case TYPE_IQ4_NL: encode_iq4_tile(32, src_tile, qw, blocks, dst_tile); break;
         case TYPE_IQ4_XS: encode_iq4_tile(QK_K, src_tile, qw, blocks, dst_tile); break;
         default: encode_legacy_tile(type, src_tile, qw, sigma2, blocks, dst_tile, block_bytes);

@@ -1,7 +1,8 @@
 """Benchmark: quantizer throughput, MB/s of float32 input, for every quantized type, with and without an imatrix.
 
 Columns: ggml's own encoder through ctypes on one thread (what llama-quantize runs per thread); our torch encoders
-on the CPU (torch's default threads); quantize(backend="auto") on the CPU (ggml's encoders on a thread per CPU);
+on the CPU (torch's default threads); quantize(backend="auto") on the CPU (the native encoders where they cover the
+type, else ggml's, on a thread per CPU);
 quantize(backend="auto") on CUDA when a GPU is present, the path conversions take there (the fused Triton kernels
 for the types they cover when triton is installed, our torch encoders otherwise). Every column's bytes are checked
 against ggml's.

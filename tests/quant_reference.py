@@ -1,8 +1,8 @@
-"""What every encoder test compares: our torch encoders against ggml's own (ewq_gguf.quant.ggml_backend).
+"""What every encoder test compares: our encoders against ggml's own (ewq_gguf.quant.ggml_backend).
 
 The reference runs on one thread, as a plain call of ggml_quantize_chunk (what llama-quantize does per chunk).
-Ours is always asked for the torch backend explicitly: quantize()'s default would pick ggml on the CPU and compare
-ggml with itself.
+Ours are named explicitly (ENCODERS): the torch codecs on every device torch offers here, and the native encoders in
+every instruction set this CPU runs; quantize()'s default would pick one of them, or ggml itself.
 """
 from __future__ import annotations
 
@@ -12,10 +12,29 @@ import numpy as np
 import pytest
 import torch
 
-from ewq_gguf.quant import QType, ggml_backend, quantize
+from ewq_gguf.quant import QType, ggml_backend, native_backend, quantize
 
 # the torch encoders must give the same bytes on every device torch offers here (CUDA where present)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# ours, as "torch-<device>" and "native-<instruction set>"
+ENCODERS = [f"torch-{device}" for device in DEVICES] + [f"native-{isa}" for isa in native_backend.ISAS]
+
+
+def encoder_cases(qtypes) -> list[tuple[QType, str]]:
+    """(qtype, encoder) for every encoder of ENCODERS that encodes qtype: the torch codecs all, the native ones
+    those of native_backend.TYPES."""
+    return [(qtype, encoder) for qtype in qtypes for encoder in ENCODERS
+            if encoder.startswith("torch-") or qtype in native_backend.TYPES]
+
+
+def encoder_bytes(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor], encoder: str) -> torch.Tensor:
+    """The bytes of one of ENCODERS for rows (bf16/f16 rows upcast first, as quantize() does)."""
+    kind, where = encoder.split("-", 1)
+    if kind == "torch":
+        return torch_bytes(rows, qtype, importance, where)
+    return native_backend.quantize(rows.to(torch.float32), qtype, importance, isa=where)
+
 
 requires_ggml = pytest.mark.skipif(not ggml_backend.available(), reason="llama-cpp-python's libggml-base is missing")
 

@@ -1,4 +1,5 @@
-"""quantize()'s backends: ggml's encoders through ctypes on a thread pool, and the choice between them and ours."""
+"""quantize()'s backends: the native encoders and ggml's (through ctypes), each on a thread pool, and the choice
+between them and the torch codecs. Their bytes against ggml's, type by type, are test_quant_parity's."""
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from ewq_gguf.errors import EwqGgufError
-from ewq_gguf.quant import CODECS, QType, ggml_backend, quantize
+from ewq_gguf.quant import CODECS, QType, ggml_backend, native_backend, quantize
+from testkit import resources
 
 from quant_inputs import make_importance, make_rows
 from quant_reference import assert_same_bytes, requires_ggml
@@ -27,44 +29,83 @@ def test_auto_on_cpu_gives_the_torch_bytes(qtype, with_importance):
                       quantize(rows, qtype, importance, backend="torch"))
 
 
+def test_native_encoders_are_built():
+    """pip install -e . compiles them (setup.py): CI's install must have, or every native case would go untested."""
+    if not native_backend.available():
+        resources.missing("the native encoders are not built (pip install -e . compiles ewq_gguf.quant._native)")
+    assert native_backend.ISAS[-1] == "baseline" and {QType.Q4_K, QType.Q5_K, QType.Q6_K} <= native_backend.TYPES
+
+
+def _native_types():
+    return sorted(native_backend.TYPES, key=lambda t: t.name)
+
+
+@pytest.mark.parametrize("backend, qtypes", [("ggml", (QType.Q4_K, QType.IQ4_XS, QType.Q5_0)),
+                                             ("native", _native_types())])
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_thread_count_does_not_change_bytes(threads):
+def test_thread_count_does_not_change_bytes(backend, qtypes, threads):
     rows = make_rows("real_bf16", N_ROWS, N_PER_ROW).to(torch.bfloat16)
     importance = make_importance(N_PER_ROW)
-    for qtype in (QType.Q4_K, QType.IQ4_XS, QType.Q5_0):
-        assert_same_bytes(quantize(rows, qtype, importance, backend="ggml", threads=threads),
+    for qtype in qtypes:
+        assert_same_bytes(quantize(rows, qtype, importance, backend=backend, threads=threads),
                           quantize(rows, qtype, importance, backend="torch"))
 
 
-def test_auto_takes_ggml_on_cpu_and_torch_elsewhere(monkeypatch):
+def _record_calls(monkeypatch, module) -> list:
     calls = []
-    real_quantize = ggml_backend.quantize
+    real_quantize = module.quantize
 
     def recording_quantize(*args, **kwargs):
         calls.append(args[1])
         return real_quantize(*args, **kwargs)
 
-    monkeypatch.setattr(ggml_backend, "quantize", recording_quantize)
+    monkeypatch.setattr(module, "quantize", recording_quantize)
+    return calls
+
+
+def test_auto_takes_native_then_ggml_on_cpu_and_torch_elsewhere(monkeypatch):
+    native_calls, ggml_calls = _record_calls(monkeypatch, native_backend), _record_calls(monkeypatch, ggml_backend)
     rows = make_rows("gaussian", 4, 256)
     quantize(rows, QType.Q6_K)
+    quantize(rows, QType.MXFP4)  # no native encoder
     quantize(rows, QType.Q6_K, backend="torch")
     quantize(rows, QType.F16)  # float types are casts, in torch whatever the backend
-    assert calls == [QType.Q6_K]
+    if native_backend.available():
+        assert native_calls == [QType.Q6_K] and ggml_calls == [QType.MXFP4]
+    else:
+        assert native_calls == [] and ggml_calls == [QType.Q6_K, QType.MXFP4]
 
 
-def test_ggml_backend_refuses_other_devices():
+def test_auto_takes_ggml_where_the_native_encoders_are_not_built(monkeypatch):
+    ggml_calls = _record_calls(monkeypatch, ggml_backend)
+    monkeypatch.setattr(native_backend, "_native", None)
+    rows = make_rows("gaussian", 4, 256)
+    assert_same_bytes(quantize(rows, QType.Q4_K), quantize(rows, QType.Q4_K, backend="torch"))
+    assert ggml_calls == [QType.Q4_K]
+    with pytest.raises(EwqGgufError, match="native quantizer is not built"):
+        quantize(rows, QType.Q4_K, backend="native")
+
+
+def test_native_backend_refuses_types_it_does_not_encode():
+    with pytest.raises(ValueError, match="does not encode MXFP4"):
+        native_backend.quantize(torch.zeros(1, 32), QType.MXFP4)
+
+
+@pytest.mark.parametrize("backend", ["ggml", "native"])
+def test_cpu_backends_refuse_other_devices(backend):
     rows = torch.empty((2, 256), device="meta")
     with pytest.raises(EwqGgufError, match="CPU"):
-        quantize(rows, QType.Q4_K, backend="ggml")
+        quantize(rows, QType.Q4_K, backend=backend)
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="auto, torch, ggml"):
+    with pytest.raises(ValueError, match="auto, torch, native, ggml"):
         quantize(torch.zeros(1, 32), QType.Q8_0, backend="numpy")
 
 
-def test_no_rows():
-    data = quantize(torch.zeros(0, 256), QType.Q4_K, backend="ggml", threads=4)
+@pytest.mark.parametrize("backend", ["ggml", "native"])
+def test_no_rows(backend):
+    data = quantize(torch.zeros(0, 256), QType.Q4_K, backend=backend, threads=4)
     assert data.shape == (0, 144) and data.dtype == torch.uint8
 
 

@@ -14,8 +14,6 @@ from copy import deepcopy
 from typing import Callable, Optional
 
 import torch
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from ..errors import InputError
 from ..source.checkpoint import Checkpoint
@@ -25,6 +23,11 @@ class CheckpointParameters:
     """Parameter name -> the checkpoint tensors it is made of (in transformers' loading order) and how."""
 
     def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint):
+        # imported here: they pull in torch.distributed (about 0.8 s), which every conversion would pay at startup
+        # through the planners that take a calibration, while only a calibration builds this
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
         self.model = model
         transforms = get_model_conversion_mapping(model)
         renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]

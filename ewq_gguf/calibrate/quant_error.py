@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as QType
 from ..constants import OUTPUT_HEAD, TOKEN_EMBEDDING
 from ..progress import progress_bar
 from ..quant import can_hold, dequantize, quantize
-from ..quant.ggml_backend import default_threads
+from ..quant.chunking import default_threads
 from ..source.model import SourceModel, TensorSpec
 
 DEFAULT_SAMPLE = 1 << 15

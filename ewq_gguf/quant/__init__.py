@@ -7,10 +7,12 @@ chunking (how rows are cut). Everything else (sizes, which type a row length can
 derived here from gguf-py's block table so that planners can ask for sizes without producing bytes, and so is the
 menu of types planners choose from (planner_types: MXFP4 for expert tensors only, as llama.cpp's mixes do).
 
-Every backend gives the same bytes: "torch" (our codecs, any device) and "ggml" (llama.cpp's own encoders through
-ctypes, CPU only, several threads; see ggml_backend). "auto" takes ggml for CPU rows when its library loads; on
-CUDA it takes the fused Triton kernels of triton_kernels for the types they cover, when triton is importable (it
-is no dependency; the module is imported on first CUDA use only), and the torch codecs otherwise.
+Every backend gives the same bytes: "torch" (our codecs, any device), "native" (our C encoders, CPU only, several
+threads, for the types in native_backend.TYPES; see native_backend) and "ggml" (llama.cpp's own encoders through
+ctypes, CPU only, several threads; see ggml_backend). "auto" takes, for CPU rows, the native encoders where they are
+built and cover the type, else ggml's when its library loads; on CUDA it takes the fused Triton kernels of
+triton_kernels for the types they cover, when triton is importable (it is no dependency; the module is imported on
+first CUDA use only), and the torch codecs otherwise.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
 from ..errors import EwqGgufError
-from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy, mxfp4
+from . import floats, ggml_backend, iq4, kquants_affine, kquants_symmetric, legacy, mxfp4, native_backend
 from .codec import Codec
 from .fallback import effective_type
 
@@ -30,7 +32,7 @@ CODECS: dict[QType, Codec] = {}
 for _family in (floats, legacy, kquants_affine, kquants_symmetric, iq4, mxfp4):
     CODECS.update(_family.CODECS)
 
-BACKENDS = ("auto", "torch", "ggml")
+BACKENDS = ("auto", "torch", "native", "ggml")
 
 __all__ = [
     "QType", "Codec", "CODECS", "BACKENDS", "quantize", "dequantize", "row_nbytes", "tensor_nbytes", "can_hold",
@@ -100,8 +102,8 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
 
     importance: optional per-column weights (llama.cpp's imatrix meaning), used only by types whose ggml encoder
     uses them. Rows in bf16/f16 are upcast to float32 first, as llama.cpp does before quantizing.
-    backend: "auto", "torch" or "ggml" (see the module's notes; every one gives the same bytes). F32/F16/BF16 are
-    plain casts, done by torch whatever the backend. threads: the ggml backend's threads (all CPUs of the process
+    backend: one of BACKENDS (see the module's notes; every one gives the same bytes). F32/F16/BF16 are plain casts,
+    done by torch whatever the backend. threads: the native and ggml backends' threads (all CPUs of the process
     when None); torch uses its own setting.
     All-finite input is the caller's contract (write.encode.encode_tensor checks it once, on the stored dtype).
     """
@@ -116,14 +118,14 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     if qtype in floats.CODECS:
         # cast straight from the stored dtype (exact: bf16/f16 -> f32 -> bf16/f16 is the identity)
         return codec.quantize(rows.contiguous(), None)
-    use_ggml = _uses_ggml(backend, rows.device)
+    cpu_backend = _cpu_backend(backend, rows.device, qtype)
     rows = rows.to(torch.float32).contiguous()
     if importance is not None:
         if importance.numel() != rows.shape[1]:
             raise ValueError(f"importance has {importance.numel()} values for rows of {rows.shape[1]}")
         importance = importance.to(rows.device, torch.float32).contiguous() if codec.uses_importance else None
-    if use_ggml:
-        return ggml_backend.quantize(rows, qtype, importance, threads)
+    if cpu_backend is not None:
+        return cpu_backend.quantize(rows, qtype, importance, threads)
     if backend == "auto":
         kernels = _fused_kernels(rows.device, qtype)
         if kernels is not None:
@@ -133,14 +135,21 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     return codec.quantize(rows, importance)
 
 
-def _uses_ggml(backend: str, device: torch.device) -> bool:
+def _cpu_backend(backend: str, device: torch.device, qtype: QType):
+    """native_backend or ggml_backend where one of them encodes rows of qtype on device, None for the torch codecs
+    (and the Triton kernels)."""
     if backend == "torch":
-        return False
+        return None
     if backend == "auto":
-        return device.type == "cpu" and ggml_backend.available()
+        if device.type != "cpu":
+            return None
+        if native_backend.available() and qtype in native_backend.TYPES:
+            return native_backend
+        return ggml_backend if ggml_backend.available() else None
     if device.type != "cpu":
-        raise EwqGgufError(f"the ggml quantizer runs on the CPU only, not on {device} (use the torch quantizer)")
-    return True  # a missing library raises EwqGgufError in ggml_backend, saying why
+        raise EwqGgufError(f"the {backend} quantizer runs on the CPU only, not on {device} (use the torch quantizer)")
+    # a missing library or type raises in the backend, saying why
+    return native_backend if backend == "native" else ggml_backend
 
 
 def _fused_kernels(device: torch.device, qtype: QType):

@@ -9,15 +9,13 @@ milliseconds) and refused, with the reason, when it disagrees; the torch encoder
 
 Threads: ctypes releases the GIL around each foreign call, and ggml_quantize_chunk over disjoint row ranges shares
 no mutable state for the types encoded here (only the IQ1/IQ2/IQ3 grids are global, built once under ggml's lock),
-so a chunk of rows is split over a small thread pool and the pieces run in parallel.
+so a chunk of rows is split over a small thread pool (chunking.in_row_pieces) and the pieces run in parallel.
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.metadata
 import importlib.util
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -26,10 +24,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
 from ..errors import EwqGgufError
+from .chunking import in_row_pieces
 
 _LIBRARY_NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
-# Pieces per thread: a few, so that a thread slowed by other work on the machine does not hold up the rest.
-_PIECES_PER_THREAD = 4
 
 
 class _TypeTraits(ctypes.Structure):
@@ -137,13 +134,6 @@ def available() -> bool:
     return True
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def row_nbytes(qtype: QType, n_per_row: int) -> int:
     """ggml_row_size: bytes of one row of n_per_row elements."""
     return int(_library().ggml_row_size(int(qtype), n_per_row))
@@ -154,7 +144,7 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
     """ggml_quantize_chunk over all rows of a 2-D float32 CPU tensor; returns uint8 (n_rows, row_nbytes).
 
     importance: the imatrix vector (n_per_row float32 values) or None, passed through unchanged: ggml decides per
-    type whether it reads it. threads: how many pieces run at once (default_threads() when None).
+    type whether it reads it. threads: how many pieces run at once (chunking.default_threads() when None).
     The caller checks that the row length is a multiple of the type's block size (ggml aborts the process if not).
     """
     if rows.dim() != 2 or rows.dtype != torch.float32 or rows.device.type != "cpu":
@@ -177,17 +167,7 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
         if written != (last - first) * output.shape[1]:
             raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for rows {first}..{last} of {qtype.name}")
 
-    threads = max(1, threads or default_threads())
-    pieces = min(n_rows, threads * _PIECES_PER_THREAD) if threads > 1 else 1
-    if pieces <= 1:
-        encode(0, n_rows)
-        return output
-    bounds = [n_rows * i // pieces for i in range(pieces + 1)]
-    # a pool per call: its threads cost microseconds against the encoding, and nothing outlives the call (a
-    # process forked later inherits no half-dead pool)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ewq-ggml") as pool:
-        for done in [pool.submit(encode, first, last) for first, last in zip(bounds, bounds[1:])]:
-            done.result()
+    in_row_pieces(n_rows, threads, encode)
     return output
 
 

@@ -61,7 +61,7 @@ def encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
 
     def produce() -> None:
         if device.type == "cpu":
-            # This thread only: float casts are memory-bound and the ggml quantizer brings its own threads, while
+            # This thread only: float casts are memory-bound and the CPU quantizers bring their own threads, while
             # torch's intra-op threads on a busy machine made BF16 conversion 2-3x slower (measured).
             torch.set_num_threads(1)
         try:

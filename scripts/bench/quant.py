@@ -1,7 +1,8 @@
 """Benchmark: quantizer throughput, MB/s of float32 input, for every quantized type, with and without an imatrix.
 
 Columns: ggml's own encoder through ctypes on one thread (what llama-quantize runs per thread); our torch encoders
-on the CPU (torch's default threads); quantize(backend="auto") on the CPU (ggml's encoders on a thread per CPU);
+on the CPU (torch's default threads); quantize(backend="auto") on the CPU (the native encoders where they cover the
+type, else ggml's, on a thread per CPU);
 quantize(backend="auto") on CUDA when a GPU is present, the path conversions take there (the fused Triton kernels
 for the types they cover when triton is installed, our torch encoders otherwise). Every column's bytes are checked
 against ggml's.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ewq_gguf.quant import CODECS, QType, floats, ggml_backend, quantize
+from ewq_gguf.quant.chunking import default_threads
 from scripts.common.results_file import cpu_name, update_section
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     megabytes = rows.numel() * 4 / 1e6
     cuda = torch.cuda.is_available()
     rows_cuda = rows.cuda() if cuda else None
-    cpus = ggml_backend.default_threads()
+    cpus = default_threads()
 
     device = f"{cpu_name()}, {cpus} CPUs" + (f"; {torch.cuda.get_device_name()}" if cuda else "")
     load_before = os.getloadavg()

@@ -77,6 +77,30 @@ def test_chunks_and_pieces_do_not_change_results(weights, monkeypatch, piece_ele
         direct_zd([weights.numpy(), other.numpy()]), abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_value_counts_give_the_general_routes_results(weights, dtype):
+    """16-bit blocks are measured from value counts: the same bins and counts as the two passes over the elements
+    (which float32 copies take), the same sums to rounding."""
+    block = [weights.to(dtype), (weights[:40, :72] * 3 - 0.2).to(dtype)]
+    names = ["first", "second"]
+    assert entropy_module.ValueCounts.applies(block)
+    assert not entropy_module.ValueCounts.applies([tensor.float() for tensor in block])
+    counted = entropy_module.block_statistics(block, names, zd_threshold)
+    passes = entropy_module.block_statistics([tensor.float() for tensor in block], names, zd_threshold)
+    for by_counts, by_passes in zip(counted, passes):
+        assert by_counts.histogram == by_passes.histogram
+        assert by_counts.above_threshold == by_passes.above_threshold > 0
+        assert by_counts.softmax == pytest.approx(by_passes.softmax, rel=1e-13)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_value_counts_name_a_non_finite_matrix(weights, bad):
+    broken = weights.to(torch.bfloat16)
+    broken[3, 4] = bad
+    with pytest.raises(InputError, match="'second'"):
+        entropy_module.block_statistics([weights.to(torch.bfloat16), broken], ["first", "second"])
+
+
 def test_largest_divisor():
     assert entropy_module.largest_divisor(110592, 65536) == 55296
     assert entropy_module.largest_divisor(97, 64) == 1

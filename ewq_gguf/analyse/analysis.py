@@ -17,11 +17,11 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import one_torch_thread, resolve_device
 from ..errors import InputError
 from ..progress import progress_bar
 from ..source.model import SourceModel, TensorSpec, open_checkpoint
-from .entropy import HISTOGRAM_BINS, BlockLayout, MatrixEntropy, block_entropies, block_moments
+from .entropy import HISTOGRAM_BINS, MatrixEntropy, block_statistics
 from .zd import zd_threshold
 
 ANALYSIS_FORMAT = 1
@@ -161,14 +161,14 @@ def analyze(model: SourceModel | str | Path, *, device: str | torch.device = "au
     results = []
     bar = progress_bar(total=sum(spec.numel for specs in blocks.values() for spec in specs), desc="analysing", unit="w", unit_scale=True,
                        enabled=progress)
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewq-analyse-next") as pool, \
+    # counting is memory-bound (see entropy.py)
+    with bar, one_torch_thread(target), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewq-analyse-next") as pool, \
             ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ewq-analyse-read") as readers:
         loaded = _read_ahead(pool, readers, model, list(blocks.values()), target)
         for (index, block_specs), tensors in zip(blocks.items(), loaded):
             names = [spec.name for spec in block_specs]
-            layout = BlockLayout(tensors)
-            moments = block_moments(layout, names)
-            matrices = block_entropies(layout, names, moments, zd_threshold(moments))
+            matrices = block_statistics(tensors, names, zd_threshold)
             results.append(BlockAnalysis.from_matrices(index, matrices))
             bar.update(sum(matrix.numel for matrix in matrices))
     return Analysis(model.name, model.adapter.arch_name, len(blocks), results, device=str(target),

@@ -1,4 +1,5 @@
-"""Entropy of weight matrices, computed a block of matrices at a time in bounded float64 chunks on the tensors' device.
+"""Entropy of weight matrices, computed a block of matrices at a time, exactly from value counts or in bounded float64
+chunks on the tensors' device.
 
 Two readings of "the entropy of a weight matrix" exist in public EWQ re-implementations; both come from the same
 two passes over the data:
@@ -10,7 +11,14 @@ two passes over the data:
   floor((w - min) * (128 / (max - min))), clamped to 127, evaluated in float64: the same operations give the same bin
   on CPU and GPU, so both devices count identically.
 
-How the work is laid out, and why: all matrices of a block are processed together, so that a block costs a few dozen
+16-bit floats (bfloat16, float16, what checkpoints store) take at most 65536 values, so a matrix in one of them is
+fully described by how often each bit pattern occurs. Such a block costs one pass over the data, counting patterns on
+the device; every statistic then comes from the counts of the distinct values, on the host, as sums of count * f(value)
+in float64. This is the same definition (each element's bin and comparison are evaluated on its value, the sums differ
+only by float64 rounding) at a few ns an element instead of the tens that converting, exponentiating and binning every
+element costs on a CPU; and CPU and GPU give identical results, as the counts are exact integers.
+
+Other dtypes (float32) take the general route. How its work is laid out, and why: all matrices of a block are processed together, so that a block costs a few dozen
 tensor operations instead of a few dozen per matrix (on a GPU, launching operations and waiting for results, not
 arithmetic, is what costs). The block's matrices are laid end to end and cut into equal pieces whose length divides
 every matrix's size (so no piece spans two matrices), at most PIECE_ELEMENTS long; pieces are grouped into chunks
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -147,13 +155,14 @@ class MatrixEntropy:
 
 
 def _count_bins(bins: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Counts of integer-valued float64 bin numbers 0..n_bins-1, exactly, as float64.
+    """Counts of bin numbers 0..n_bins-1 (int32 or integer-valued float64), exactly, as float64.
 
     On a GPU histc with [0, n_bins] maps an integer x to bin x exactly and needs no host synchronisation (bincount
-    reads the input's range back first); on a CPU bincount is the fast one."""
+    reads the input's range back first); on a CPU bincount is the fast one, and takes int32 as it is."""
     if bins.is_cuda:
-        return torch.histc(bins, bins=n_bins, min=0, max=n_bins)
-    return torch.bincount(bins.to(torch.int64), minlength=n_bins).to(torch.float64)
+        return torch.histc(bins.to(torch.float64), bins=n_bins, min=0, max=n_bins)
+    return torch.bincount(bins if bins.dtype == torch.int32 else bins.to(torch.int64),
+                          minlength=n_bins).to(torch.float64)
 
 
 def block_entropies(layout: BlockLayout, names: Sequence[str], moments: Sequence[Moments],
@@ -182,13 +191,81 @@ def block_entropies(layout: BlockLayout, names: Sequence[str], moments: Sequence
     for matrix, row in zip(owners, rows):
         for column in range(3):
             sums[matrix][column] += row[column]
-    result = []
-    for name, stats, (z_value, weighted, above), matrix_counts in zip(names, moments, sums, histogram):
-        softmax = math.log(z_value) + stats.max - weighted / z_value
-        numel = stats.numel
-        result.append(MatrixEntropy(name, numel, softmax, softmax / math.log(numel) if numel > 1 else 0.0,
-                                    histogram_bits(matrix_counts), int(above)))
-    return result
+    return [_matrix_entropy(name, stats, *matrix_sums, matrix_counts)
+            for name, stats, matrix_sums, matrix_counts in zip(names, moments, sums, histogram)]
+
+
+def _matrix_entropy(name: str, stats: Moments, z_value: float, weighted: float, above: float,
+                    histogram: Sequence[float]) -> MatrixEntropy:
+    """A matrix's entropies from its second-pass sums: Z = sum exp(w - max), weighted = sum w exp(w - max)."""
+    softmax = math.log(z_value) + stats.max - weighted / z_value
+    numel = stats.numel
+    return MatrixEntropy(name, numel, softmax, softmax / math.log(numel) if numel > 1 else 0.0,
+                         histogram_bits(histogram), int(above))
+
+
+class ValueCounts:
+    """A block of 16-bit float matrices as how often each matrix holds each of the dtype's 65536 values (see the
+    module docstring): counts[matrix, pattern + 32768] for the signed 16-bit pattern, exact, as float64 on the host."""
+
+    PATTERNS = 1 << 16
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.numel = [tensor.numel() for tensor in tensors]
+        self.counts = torch.stack([
+            _count_bins(tensor.reshape(-1).view(torch.int16).to(torch.int32).add_(self.PATTERNS // 2), self.PATTERNS)
+            for tensor in tensors]).to("cpu", torch.float64)
+        patterns = torch.arange(-self.PATTERNS // 2, self.PATTERNS // 2, dtype=torch.int32).to(torch.int16)
+        self.values = patterns.view(tensors[0].dtype).to(torch.float64)
+
+    @staticmethod
+    def applies(tensors: Sequence[torch.Tensor]) -> bool:
+        return tensors[0].dtype in (torch.bfloat16, torch.float16) and all(
+            tensor.dtype == tensors[0].dtype for tensor in tensors)
+
+    def present(self, matrix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrix's distinct values and their counts."""
+        held = self.counts[matrix] > 0
+        return self.values[held], self.counts[matrix][held]
+
+    def moments(self, names: Sequence[str]) -> list[Moments]:
+        """block_moments' results, from the counts."""
+        result = []
+        for matrix, name in enumerate(names):
+            values, counts = self.present(matrix)
+            if not bool(torch.isfinite(values).all()):
+                raise InputError(f"tensor '{name}' contains NaN or Inf values; cannot analyse it")
+            result.append(Moments(self.numel[matrix], values.min().item(), values.max().item(),
+                                  (counts * values).sum().item(), (counts * values * values).sum().item()))
+        return result
+
+    def entropies(self, names: Sequence[str], moments: Sequence[Moments],
+                  threshold: float = math.inf) -> list[MatrixEntropy]:
+        """block_entropies' results, from the counts: each distinct value stands for `count` elements."""
+        result = []
+        for matrix, (name, stats) in enumerate(zip(names, moments)):
+            values, counts = self.present(matrix)
+            weighted_exps = counts * torch.exp(values - stats.max)
+            scale = HISTOGRAM_BINS / (stats.max - stats.min) if stats.max > stats.min else 0.0
+            bins = ((values - stats.min) * scale).floor_().clamp_(0, HISTOGRAM_BINS - 1).to(torch.int64)
+            histogram = torch.bincount(bins, weights=counts, minlength=HISTOGRAM_BINS)
+            result.append(_matrix_entropy(name, stats, weighted_exps.sum().item(),
+                                          (values * weighted_exps).sum().item(),
+                                          counts[values > threshold].sum().item(), histogram.tolist()))
+        return result
+
+
+def block_statistics(tensors: Sequence[torch.Tensor], names: Sequence[str],
+                     threshold_of: Optional[Callable[[Sequence[Moments]], float]] = None) -> list[MatrixEntropy]:
+    """Entropies of a block's matrices, counting elements above threshold_of(the block's moments) if given; by
+    value counts where the dtype allows, else in two passes over the data."""
+    if ValueCounts.applies(tensors):
+        table = ValueCounts(tensors)
+        moments = table.moments(names)
+        return table.entropies(names, moments, threshold_of(moments) if threshold_of else math.inf)
+    layout = BlockLayout(tensors)
+    moments = block_moments(layout, names)
+    return block_entropies(layout, names, moments, threshold_of(moments) if threshold_of else math.inf)
 
 
 def histogram_bits(counts: Sequence[float]) -> float:
@@ -201,8 +278,7 @@ def matrix_entropy(tensor: torch.Tensor, name: str = "tensor") -> MatrixEntropy:
     """Both entropies of one matrix."""
     if tensor.numel() == 0:
         raise InputError(f"tensor '{name}' is empty")
-    layout = BlockLayout([tensor])
-    return block_entropies(layout, [name], block_moments(layout, [name]))[0]
+    return block_statistics([tensor], [name])[0]
 
 
 def softmax_entropy(tensor: torch.Tensor) -> float:

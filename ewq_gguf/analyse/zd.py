@@ -1,8 +1,8 @@
 """ZD, the z-score distribution score of a block (Dumitru et al., layer-wise quantization).
 
 Over all weights of a block's 2-D matrices pooled together, z = (w - mean) / std; ZD is the fraction with z > 1.
-For a Gaussian it is about 0.159; heavier or skewed tails move it. The block's mean and std come from the first
-pass's float64 sums (population std), and z > 1 is counted as w > mean + std in the second pass.
+For a Gaussian it is about 0.159; heavier or skewed tails move it. The block's mean and std come from its matrices'
+float64 moments (population std), and z > 1 is counted as w > mean + std with the entropies.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .entropy import BlockLayout, Moments, block_entropies, block_moments
+from .entropy import Moments, block_statistics
 
 
 def zd_threshold(moments: Sequence[Moments]) -> float:
@@ -26,8 +26,5 @@ def zd_threshold(moments: Sequence[Moments]) -> float:
 
 def zd_score(tensors: Sequence[torch.Tensor]) -> float:
     """ZD of a block given as its weight matrices."""
-    names = [f"matrix {index}" for index in range(len(tensors))]
-    layout = BlockLayout(tensors)
-    moments = block_moments(layout, names)
-    matrices = block_entropies(layout, names, moments, zd_threshold(moments))
-    return sum(matrix.above_threshold for matrix in matrices) / sum(stats.numel for stats in moments)
+    matrices = block_statistics(tensors, [f"matrix {index}" for index in range(len(tensors))], zd_threshold)
+    return sum(matrix.above_threshold for matrix in matrices) / sum(matrix.numel for matrix in matrices)

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from ..constants import DEFAULT_GPTQ_TOKENS, OUTPUT_HEAD
+from ..device import one_torch_thread
 from ..errors import InputError
 from ..plan import Plan
 from ..quant import quantize
@@ -170,7 +169,8 @@ def gptq_round(model_dir: str | Path, source: SourceModel, plan: Plan, calibrati
         vector = importance.get(name)
         vectors = None if vector is None else vector.reshape(-1, entry.shape[-1])
         parts, kept, nearest, rounded = [], 0.0, 0.0, False
-        with _one_thread(device):
+        # GPTQ's column steps are small operations
+        with one_torch_thread(device):
             for expert, (matrix, expert_hessian) in enumerate(zip(matrices, experts)):
                 scale_weights = None if vectors is None else vectors[expert % vectors.shape[0]]
                 if expert_hessian is None:
@@ -314,21 +314,6 @@ def _row_order(source: SourceModel, name: str, rows: int, columns: int) -> Optio
     if not bool((moved[:, 0] == order).all()) or not torch.equal(order.sort().values, torch.arange(rows)):
         return None
     return order
-
-
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """One torch thread on the CPU while rounding: GPTQ's column steps are small operations, which several threads
-    waiting for each other make several times slower (6x measured on a shared 2-core machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def objective_summary(objectives: dict[str, tuple[float, float]]) -> dict[str, float]:

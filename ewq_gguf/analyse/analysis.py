@@ -161,7 +161,7 @@ def analyze(model: SourceModel | str | Path, *, device: str | torch.device = "au
     results = []
     bar = progress_bar(total=sum(spec.numel for specs in blocks.values() for spec in specs), desc="analysing", unit="w", unit_scale=True,
                        enabled=progress)
-    # counting is memory-bound (see entropy.py)
+    # on a CPU the analysis is memory-bound elementwise work, which several torch threads only slow down
     with bar, one_torch_thread(target), \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewq-analyse-next") as pool, \
             ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ewq-analyse-read") as readers:

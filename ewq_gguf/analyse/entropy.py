@@ -2,7 +2,7 @@
 chunks on the tensors' device.
 
 Two readings of "the entropy of a weight matrix" exist in public EWQ re-implementations; both come from the same
-two passes over the data:
+pass (16-bit floats) or two passes (other dtypes) over the data:
 
 - softmax entropy: p = softmax(flatten(W)), H = -sum p log p (nats). Computed without materialising p: with
   m = max(w), Z = sum exp(w - m) and S = sum w exp(w - m), H = log Z + m - S / Z. Also reported divided by
@@ -18,14 +18,15 @@ in float64. This is the same definition (each element's bin and comparison are e
 only by float64 rounding) at a few ns an element instead of the tens that converting, exponentiating and binning every
 element costs on a CPU; and CPU and GPU give identical results, as the counts are exact integers.
 
-Other dtypes (float32) take the general route. How its work is laid out, and why: all matrices of a block are processed together, so that a block costs a few dozen
-tensor operations instead of a few dozen per matrix (on a GPU, launching operations and waiting for results, not
-arithmetic, is what costs). The block's matrices are laid end to end and cut into equal pieces whose length divides
-every matrix's size (so no piece spans two matrices), at most PIECE_ELEMENTS long; pieces are grouped into chunks
-of at most CHUNK_ELEMENTS. A chunk is converted to float64 once per pass and viewed as a (pieces, piece length)
-matrix: every reduction is a row reduction, and per-matrix parameters (the softmax shift, the histogram range)
-broadcast as one column, with no per-element copies. Row results come back to the host once per pass and are
-combined per matrix there, in a fixed order. Every sum is accumulated in float64, so CPU and GPU agree to rounding.
+Other dtypes (float32) take the general route. How its work is laid out, and why: all matrices of a block are
+processed together, so that a block costs a few dozen tensor operations instead of a few dozen per matrix (on a GPU,
+launching operations and waiting for results, not arithmetic, is what costs). The block's matrices are laid end to
+end and cut into equal pieces whose length divides every matrix's size (so no piece spans two matrices), at most
+PIECE_ELEMENTS long; pieces are grouped into chunks of at most CHUNK_ELEMENTS. A chunk is converted to float64 once
+per pass and viewed as a (pieces, piece length) matrix: every reduction is a row reduction, and per-matrix
+parameters (the softmax shift, the histogram range) broadcast as one column, with no per-element copies. Row results
+come back to the host once per pass and are combined per matrix there, in a fixed order. Every sum is accumulated in
+float64, so CPU and GPU agree to rounding.
 """
 from __future__ import annotations
 

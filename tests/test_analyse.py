@@ -16,6 +16,7 @@ from ewq_gguf.analyse.analysis import block_matrices
 from ewq_gguf.analyse.zd import zd_threshold
 from ewq_gguf.cli import main
 from ewq_gguf.errors import InputError
+from ewq_gguf.quant import native_backend
 from ewq_gguf.source.model import open_checkpoint
 
 
@@ -91,6 +92,16 @@ def test_value_counts_give_the_general_routes_results(weights, dtype):
         assert by_counts.histogram == by_passes.histogram
         assert by_counts.above_threshold == by_passes.above_threshold > 0
         assert by_counts.softmax == pytest.approx(by_passes.softmax, rel=1e-13)
+
+
+@pytest.mark.skipif(not native_backend.available(), reason="the native extension is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_pattern_counts_are_torchs(weights, dtype, monkeypatch):
+    values = torch.cat([weights.reshape(-1), torch.tensor([0.0, -0.0, float("inf"), -float("inf")])]).to(dtype)
+    native = entropy_module.ValueCounts([values]).counts
+    monkeypatch.setattr(native_backend, "available", lambda: False)
+    assert torch.equal(native, entropy_module.ValueCounts([values]).counts)
+    assert native.sum() == values.numel()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import InputError
+from ..quant import native_backend
 
 HISTOGRAM_BINS = 128
 # The longest piece: a row of a row reduction. Many rows keep a GPU busy; few keep the partial results few.
@@ -213,11 +214,16 @@ class ValueCounts:
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
         self.numel = [tensor.numel() for tensor in tensors]
-        self.counts = torch.stack([
-            _count_bins(tensor.reshape(-1).view(torch.int16).to(torch.int32).add_(self.PATTERNS // 2), self.PATTERNS)
-            for tensor in tensors]).to("cpu", torch.float64)
+        self.counts = torch.stack([self._count(tensor) for tensor in tensors]).to("cpu", torch.float64)
         patterns = torch.arange(-self.PATTERNS // 2, self.PATTERNS // 2, dtype=torch.int32).to(torch.int16)
         self.values = patterns.view(tensors[0].dtype).to(torch.float64)
+
+    @classmethod
+    def _count(cls, tensor: torch.Tensor) -> torch.Tensor:
+        """One matrix's counts, on its device: by the native extension's loop on a CPU where it is built."""
+        if tensor.device.type == "cpu" and native_backend.available():
+            return native_backend.count_patterns(tensor)
+        return _count_bins(tensor.reshape(-1).view(torch.int16).to(torch.int32).add_(cls.PATTERNS // 2), cls.PATTERNS)
 
     @staticmethod
     def applies(tensors: Sequence[torch.Tensor]) -> bool:

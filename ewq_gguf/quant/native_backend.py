@@ -67,3 +67,16 @@ def quantize(rows: torch.Tensor, qtype: QType, importance: Optional[torch.Tensor
 
     in_row_pieces(n_rows, threads, encode)
     return output
+
+
+def count_patterns(values: torch.Tensor) -> torch.Tensor:
+    """How often each 16-bit pattern occurs in a 16-bit CPU tensor: int64 counts, index the signed pattern + 32768
+    (the entropy analysis's counting pass, analyse/entropy.py)."""
+    if _native is None:
+        raise EwqGgufError("the native extension is not built (pip install -e . compiles it)")
+    if values.element_size() != 2 or values.device.type != "cpu":
+        raise ValueError(f"count_patterns takes 16-bit CPU tensors, got {values.dtype} {values.device}")
+    values = values.contiguous()
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    _native.count_patterns(values.data_ptr(), values.numel(), counts.data_ptr())
+    return counts

@@ -8,6 +8,8 @@ AVX-512 on x86-64) and takes the widest the CPU runs; the tests compare every on
 The extension is optional: where it did not compile (see setup.py) or for a type it does not encode, quantize()
 takes ggml's encoders. Threads: the C code releases the GIL and shares nothing between rows, so rows are split over a
 small thread pool (chunking.in_row_pieces), as for ggml.
+
+The module also holds the entropy analysis's counting loop (count_patterns): its C code is built here already.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -90,7 +91,8 @@ def end_to_end_table(models: list[str], rounds: int, threads: int) -> str:
         for round_number in range(1, rounds + 1):
             for model in models:
                 model_dir = dev_model(model)
-                folder = Path(work)
+                folder = Path(work) / f"{model}-{round_number}"   # each run writes new files (convert never overwrites)
+                folder.mkdir()
                 ours = _ewq(model_dir, folder / "ewq-Q4_K.gguf", "--method", "uniform", "--type", "Q4_K")
                 converted = run_convert(model_dir, folder / "llama-bf16.gguf", "bf16")
                 quantized = run_measured([llama_quantize, "--pure", folder / "llama-bf16.gguf",
@@ -104,6 +106,7 @@ def end_to_end_table(models: list[str], rounds: int, threads: int) -> str:
                       + f" | {_load()} |", flush=True)
                 if model not in parity:
                     parity[model] = compare_files(folder / "ewq-Q4_K.gguf", folder / "llama-Q4_K.gguf")
+                shutil.rmtree(folder)
     header = ["model", *(f"{route} s" for route in routes), "Q4_K: ewq-gguf / llama.cpp", "EWQ / uniform Q8_0",
               "Q4_K tensors byte-identical"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -1,13 +1,14 @@
 """Tensors to GGUF bytes for the writer: read from the model, checked finite, quantized a bounded chunk at a time.
 
-Reading and quantizing run on a background thread, one tensor ahead of the one being written, so that disk and
-encoder work at once while memory holds a few tensors, whatever the size of the checkpoint.
+Reading and quantizing run on a background thread, ahead of the one being written (from before the header is
+written, within a bounded number of bytes), so that disk and encoder work at once while memory holds a few tensors,
+whatever the size of the checkpoint.
 """
 from __future__ import annotations
 
-import queue
 import threading
-from typing import Iterator, Optional
+from collections import deque
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -48,60 +49,81 @@ def encode_tensor(tensor: torch.Tensor, qtype: QType, name: str, device: torch.d
     return encoded
 
 
-def encoded_tensors(model: SourceModel, plan: Plan, device: torch.device,
-                     importance: dict[str, torch.Tensor], times: StageTimes,
-                     encoded_before: Optional[dict[str, np.ndarray]] = None) -> Iterator[np.ndarray]:
-    """Encoded tensors in plan order, produced one ahead on a background thread; those in encoded_before (already
-    encoded, e.g. by GPTQ rounding) are taken from there.
+# Encoded bytes the background thread may make ahead of the writer: while the header is built (a 150k-token
+# vocabulary takes seconds of Python) it encodes the first tensors; the bound keeps memory at this plus one tensor,
+# whatever the model size.
+AHEAD_BYTES = 256 << 20
 
-    At most three encoded tensors exist at once (being written, queued, just made) and one source tensor.
-    """
-    results: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
 
-    def produce() -> None:
-        if device.type == "cpu":
-            # This thread only: float casts are memory-bound and the CPU quantizers bring their own threads, while
-            # torch's intra-op threads on a busy machine made BF16 conversion 2-3x slower (measured).
-            torch.set_num_threads(1)
-        try:
-            for entry in plan.entries:
-                if stop.is_set():
-                    return
-                if encoded_before and entry.name in encoded_before:
-                    results.put(encoded_before[entry.name])
-                    continue
-                with times.measure("read"):
-                    tensor = model.load(model.by_name[entry.name])
-                if tuple(tensor.shape) != entry.shape:
-                    raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says "
-                                     f"{list(entry.shape)}")
-                with times.measure("quantize"):
-                    encoded = encode_tensor(tensor, entry.type, entry.name, device, importance.get(entry.name))
-                del tensor      # the source is not kept while waiting for the queue
-                results.put(encoded)
-            results.put(None)
-        except BaseException as exc:  # handed to the writing thread, which raises it
-            results.put(exc)
+class EncodedTensors:
+    """Encoded tensors in plan order, made on a background thread from the moment this object exists (before the
+    header is written), at most AHEAD_BYTES ahead of the writer (and always one tensor); those in encoded_before
+    (already encoded, e.g. by GPTQ rounding) are taken from there. Iterate once; close() stops the thread (use
+    contextlib.closing), also when iteration never started."""
 
-    worker = threading.Thread(target=produce, name="ewq-encode", daemon=True)
-    worker.start()
-    try:
-        while True:
+    def __init__(self, model: SourceModel, plan: Plan, device: torch.device, importance: dict[str, torch.Tensor],
+                 times: StageTimes, encoded_before: Optional[Mapping[str, np.ndarray]] = None):
+        self._items: deque = deque()
+        self._queued_bytes = 0
+        self._ready = threading.Condition()
+        self._stop = threading.Event()
+
+        def produce() -> None:
+            if device.type == "cpu":
+                # This thread only: float casts are memory-bound and the CPU quantizers bring their own threads,
+                # while torch's intra-op threads on a busy machine made BF16 conversion 2-3x slower (measured).
+                torch.set_num_threads(1)
             try:
+                for entry in plan.entries:
+                    if self._stop.is_set():
+                        return
+                    if encoded_before and entry.name in encoded_before:
+                        self._put(encoded_before[entry.name])
+                        continue
+                    with times.measure("read"):
+                        tensor = model.load(model.by_name[entry.name])
+                    if tuple(tensor.shape) != entry.shape:
+                        raise InputError(f"tensor '{entry.name}' has shape {list(tensor.shape)}, the plan says "
+                                         f"{list(entry.shape)}")
+                    with times.measure("quantize"):
+                        encoded = encode_tensor(tensor, entry.type, entry.name, device, importance.get(entry.name))
+                    del tensor      # the source is not kept while waiting for room
+                    self._put(encoded)
+                self._put(None)
+            except BaseException as exc:  # handed to the writing thread, which raises it
+                self._put(exc)
+
+        self._worker = threading.Thread(target=produce, name="ewq-encode", daemon=True)
+        self._worker.start()
+
+    def _put(self, item) -> None:
+        nbytes = item.nbytes if isinstance(item, np.ndarray) else 0
+        with self._ready:
+            while self._items and self._queued_bytes + nbytes > AHEAD_BYTES and not self._stop.is_set():
+                self._ready.wait(0.5)
+            self._items.append(item)
+            self._queued_bytes += nbytes
+            self._ready.notify_all()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            with self._ready:
                 # a timeout, so that a signal taken by another thread still reaches this one's handler promptly
-                item = results.get(timeout=0.5)
-            except queue.Empty:
-                continue
+                while not self._items:
+                    self._ready.wait(0.5)
+                item = self._items.popleft()
+                self._queued_bytes -= item.nbytes if isinstance(item, np.ndarray) else 0
+                self._ready.notify_all()
             if item is None:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                results.get(timeout=0.1)
-            except queue.Empty:
-                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._ready:
+            self._items.clear()
+            self._queued_bytes = 0
+            self._ready.notify_all()
+        self._worker.join()

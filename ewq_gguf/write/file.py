@@ -31,7 +31,7 @@ from ..plan import Plan
 from ..progress import progress_bar
 from ..source.model import SourceModel
 from ..timing import StageTimes
-from .encode import encoded_tensors
+from .encode import EncodedTensors
 from .signals import SignalGuard
 
 
@@ -153,18 +153,26 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
     """
     out = Path(out)
     check_output(out, force)
-    writer = _PartsWriter(out, model.adapter.arch_name, parse_size(split_max_size) if split_max_size else 0)
-    add_header(writer, model, plan)
-    if len(writer.tensors) == 1:
-        writer.split_max_size = 0   # fits in one file; gguf-py would log a warning about not splitting
-    finals, temps = writer.final_paths(), writer.format_shard_names(out)
-    for final in finals:
-        check_output(final, force)
     times = StageTimes() if times is None else times
+    # encoding starts now, while the header (the tokenizer's vocabulary above all) is built
+    with closing(EncodedTensors(model, plan, device, importance or {}, times, encoded)) as tensors:
+        writer = _PartsWriter(out, model.adapter.arch_name, parse_size(split_max_size) if split_max_size else 0)
+        add_header(writer, model, plan)
+        if len(writer.tensors) == 1:
+            writer.split_max_size = 0   # fits in one file; gguf-py would log a warning about not splitting
+        finals, temps = writer.final_paths(), writer.format_shard_names(out)
+        for final in finals:
+            check_output(final, force)
+        _write_parts(writer, plan, out, finals, temps, tensors, progress, times, force)
+    return WrittenFile(finals[0], sum(final.stat().st_size for final in finals), tuple(finals))
+
+
+def _write_parts(writer: "_PartsWriter", plan: Plan, out: Path, finals: Sequence[Path], temps: Sequence[Path],
+                 tensors: EncodedTensors, progress: bool, times: StageTimes, force: bool) -> None:
+    """Write the temporaries, check them and put them in place; the temporaries go on any failure."""
     with SignalGuard().active() as signals:
         try:
-            _stream(writer, model, plan, out.parent, device, importance or {}, progress, signals, times,
-                    encoded or {})
+            _stream(writer, plan, out.parent, tensors, progress, signals, times)
             with times.measure("verify"):
                 verify(temps, plan)
             signals.check()
@@ -177,12 +185,10 @@ def write_gguf(model: SourceModel, plan: Plan, out: str | Path, *, force: bool =
             writer.close()
             for temp in temps:
                 temp.unlink(missing_ok=True)
-    return WrittenFile(finals[0], sum(final.stat().st_size for final in finals), tuple(finals))
 
 
-def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, device: torch.device,
-            importance: dict[str, torch.Tensor], progress: bool, signals: SignalGuard, times: StageTimes,
-            encoded_before: dict[str, np.ndarray]) -> None:
+def _stream(writer: "_PartsWriter", plan: Plan, folder: Path, tensors: EncodedTensors, progress: bool,
+            signals: SignalGuard, times: StageTimes) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -192,9 +198,8 @@ def _stream(writer: _PartsWriter, model: SourceModel, plan: Plan, folder: Path, 
         raise OutputError(f"not enough free space in {folder}: the output takes {whole / 1e9:.2f} GB, "
                           f"{free / 1e9:.2f} GB free")
     bar = progress_bar(total=plan.tensor_bytes, desc="writing", unit="B", unit_scale=True, enabled=progress)
-    # closing: on any exit the generator's background thread is stopped before the temporaries are removed
-    with bar, closing(encoded_tensors(model, plan, device, importance, times, encoded_before)) as encoded:
-        for tensor_bytes in encoded:
+    with bar:
+        for tensor_bytes in tensors:
             signals.check()
             with times.measure("write"):
                 writer.write_tensor_data(tensor_bytes)

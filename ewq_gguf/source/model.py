@@ -117,33 +117,45 @@ class SourceModel:
         Found by pushing numbered elements through file_layout."""
         total = sum(math.prod(shape) for shape in shapes.values())
         low = 2048     # elements numbered as high * low + low part: both exact in float32 up to 2^35 elements
+        # float32 and (below 2^31 elements) int32 throughout: the probes are as large as the tensor, and a stacked
+        # expert tensor has hundreds of millions of elements. The division below is exact where the route moves
+        # elements or scales them by powers of two; other factors can miss the 0.25 check on large tensors (None),
+        # as the route's own float32 product of a number already could
+        index_dtype = torch.int32 if total < 2**31 - low else torch.int64
 
         def numbered(part: Optional[int]) -> torch.Tensor:
             pieces, offset = {}, 0
             for stored, shape in shapes.items():
                 count = math.prod(shape)
                 if part is None:
-                    values = torch.ones(count, dtype=torch.float64)
+                    values = torch.ones(count, dtype=torch.float32)
                 else:
-                    index = torch.arange(offset, offset + count, dtype=torch.int64)
-                    values = (1 + (index % low if part == 0 else index // low)).double()
-                pieces[stored] = values.to(torch.float32).reshape(shape)
+                    index = torch.arange(offset, offset + count, dtype=index_dtype)
+                    values = (index % low if part == 0 else index // low).add_(1).to(torch.float32)
+                    del index
+                pieces[stored] = values.reshape(shape)
                 offset += count
-            return self.file_layout(spec, pieces).double()
+            return self.file_layout(spec, pieces).float()
 
         factor = numbered(None)
         if tuple(factor.shape) != tuple(spec.shape) or not bool((factor != 0).all() and torch.isfinite(factor).all()):
             return None
         parts = []
         for part in (0, 1):
-            numbers = numbered(part) / factor
+            numbers = numbered(part).div_(factor)
             rounded = numbers.round()
-            if not bool(torch.isfinite(numbers).all()) or float((numbers - rounded).abs().max()) > 0.25:
+            if not bool(torch.isfinite(numbers).all()) or float(numbers.sub_(rounded).abs_().max()) > 0.25:
                 return None
-            parts.append(rounded.long() - 1)
+            del numbers
+            parts.append(rounded.to(index_dtype).sub_(1))
+            del rounded
         low_part, high_part = parts
-        index = high_part * low + low_part
-        if int(low_part.min()) < 0 or int(low_part.max()) >= low or int(index.min()) < 0 or int(index.max()) >= total:
+        if int(low_part.min()) < 0 or int(low_part.max()) >= low or int(high_part.min()) < 0 \
+                or int(high_part.max()) > (total - 1) // low:
+            return None
+        index = high_part.mul_(low).add_(low_part)     # below `total` now, which index_dtype holds
+        del low_part
+        if int(index.max()) >= total:
             return None
         return index, factor
 
@@ -161,7 +173,7 @@ class SourceModel:
         rows, columns = index // width, index % width
         if bool((rows != rows[:, :1]).any()) or bool((columns != columns[:1, :]).any()):
             return None
-        return rows[:, 0], columns[0, :]
+        return rows[:, 0].long(), columns[0, :].long()
 
     def element_moves(self, spec: TensorSpec, shapes: Mapping[str, tuple[int, ...]],
                       ) -> Optional[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:

@@ -339,7 +339,7 @@ class _Hessians:
         self.expert_sums: dict[str, list[Optional[torch.Tensor]]] = {}
         self.planned = planned
         self._last: Optional[tuple[torch.Tensor, int]] = None
-        self.seconds = 0.0   # spent adding X^T X (the device waited for, so that the time is this work's)
+        self.seconds = 0.0   # spent computing X^T X (_product)
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 names = [name for name in _gguf_names(model, source, model.hf_name(module) + ".weight")
@@ -369,34 +369,33 @@ class _Hessians:
         return stack
 
     def _product(self, inputs: torch.Tensor) -> torch.Tensor:
+        """X^T X of the inputs (float64), its time added to self.seconds (the device waited for, so that the time
+        is this work's)."""
+        _wait(inputs.device)
+        started = time.perf_counter()
         flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        return (flat.t() @ flat).double()
+        product = (flat.t() @ flat).double()
+        _wait(inputs.device)
+        self.seconds += time.perf_counter() - started
+        return product
 
     def _add(self, names: list[str], inputs: torch.Tensor) -> None:
         if self._last is not None and self._last[0] is inputs:   # the same input as the layer before (q, k, v)
             key = self._last[1]
         else:
-            _wait(inputs.device)
-            started = time.perf_counter()
             product = self._product(inputs)
             key = len(self.sums) if not any(name in self.names for name in names) else self.names[names[0]]
             self.sums[key] = self.sums[key] + product if key in self.sums else product
             self._last = (inputs, key)
-            _wait(inputs.device)
-            self.seconds += time.perf_counter() - started
         for name in names:
             self.names[name] = key
 
     def _add_expert(self, name: str, inputs: torch.Tensor, expert: int, n_experts: int) -> None:
         if inputs.shape[-1] != self.planned[name].shape[-1] or not inputs.numel():
             return   # a product with the slice that is not its weight's input (passes._ExpertInputs)
-        _wait(inputs.device)
-        started = time.perf_counter()
         sums = self.expert_sums.setdefault(name, [None] * n_experts)
         product = self._product(inputs)
         sums[expert] = product if sums[expert] is None else sums[expert] + product
-        _wait(inputs.device)
-        self.seconds += time.perf_counter() - started
 
     def matrices(self) -> dict[str, torch.Tensor | list[Optional[torch.Tensor]]]:
         return {**{name: self.sums[key] for name, key in self.names.items()}, **self.expert_sums}
